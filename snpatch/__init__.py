@@ -1,0 +1,47 @@
+"""snpatch: spectral normalization on any PyTorch model in one line.
+
+>>> import torchvision, snpatch
+>>> model = snpatch.apply_spectral_norm(torchvision.models.resnet18(weights=None), exclude="fc")
+"""
+
+from .errors import (
+    AlreadyPatchedError,
+    InvalidArgumentError,
+    InvalidArgumentTypeError,
+    NoMatchingLayersError,
+    SnpatchError,
+    SnpatchWarning,
+    UnsupportedLayerError,
+)
+from .parametrization import SpectralNorm
+from .patch import (
+    SpectralNormConfig,
+    apply_spectral_norm,
+    is_patched,
+    patched_layers,
+    set_lipschitz,
+    spectral_norms,
+)
+from .select import DEFAULT_LAYER_TYPES, select_layers
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_LAYER_TYPES",
+    "AlreadyPatchedError",
+    "InvalidArgumentError",
+    "InvalidArgumentTypeError",
+    "NoMatchingLayersError",
+    "SnpatchError",
+    "SnpatchWarning",
+    "SpectralNorm",
+    "SpectralNormConfig",
+    "UnsupportedLayerError",
+    "__version__",
+    "apply_spectral_norm",
+    "is_patched",
+    "patched_layers",
+    "select_layers",
+    "set_lipschitz",
+    "spectral_norms",
+]

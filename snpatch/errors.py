@@ -1,0 +1,49 @@
+"""The exceptions and warnings snpatch raises.
+
+Every error is a :class:`SnpatchError`; the specific ones also subclass the built-in
+exception they mean, so ``except ValueError`` keeps working for callers who don't know
+snpatch.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AlreadyPatchedError",
+    "InvalidArgumentError",
+    "InvalidArgumentTypeError",
+    "NoMatchingLayersError",
+    "SnpatchError",
+    "SnpatchWarning",
+    "UnsupportedLayerError",
+]
+
+
+class SnpatchError(Exception):
+    """Base class of every error snpatch raises on purpose."""
+
+
+class InvalidArgumentError(SnpatchError, ValueError):
+    """An argument has a bad value (e.g. ``lipschitz=0``, an unknown mode, an invalid regex)."""
+
+
+class InvalidArgumentTypeError(SnpatchError, TypeError):
+    """An argument has the wrong type (e.g. a model that is not an ``nn.Module``)."""
+
+
+class NoMatchingLayersError(SnpatchError, ValueError):
+    """An include pattern, or the whole selection, matched no eligible layer."""
+
+
+class AlreadyPatchedError(SnpatchError, RuntimeError):
+    """A selected layer already carries a spectral normalization (snpatch's or torch's)."""
+
+
+class UnsupportedLayerError(SnpatchError, TypeError):
+    """A selected layer cannot be normalized as it is.
+
+    For example: a lazy layer, a weight that is not 2-D or more, another parametrization.
+    """
+
+
+class SnpatchWarning(UserWarning):
+    """Something suspicious that does not stop the operation (an exclude that matched nothing)."""

@@ -1,0 +1,393 @@
+"""Apply spectral normalization to a whole model, find it again, and retarget it.
+
+Each selected layer gets a ``torch.nn.utils.parametrize`` parametrization
+(:class:`~snpatch.parametrization.SpectralNorm`) on each weight it uses, and one forward
+pre-hook (:class:`PowerIterationHook`, also the marker by which patched layers are found)
+that advances the power iteration of those weights in training mode.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TypeVar, cast
+
+import torch
+from torch import Tensor, nn
+from torch.nn.parameter import UninitializedParameter
+from torch.nn.utils import parametrizations as torch_parametrizations
+from torch.nn.utils import parametrize
+from torch.nn.utils.spectral_norm import SpectralNorm as _LegacySpectralNorm
+
+from .errors import (
+    AlreadyPatchedError,
+    InvalidArgumentError,
+    InvalidArgumentTypeError,
+    UnsupportedLayerError,
+)
+from .parametrization import Mode, SpectralNorm
+from .select import LayerFilter, Pattern, check_model, resolve_selection, select_from
+
+__all__ = [
+    "PowerIterationHook",
+    "SpectralNormConfig",
+    "apply_spectral_norm",
+    "is_patched",
+    "patched_layers",
+    "set_lipschitz",
+    "spectral_norms",
+]
+
+T_module = TypeVar("T_module", bound=nn.Module)
+
+_MODES = ("hard", "soft")
+
+
+def check_lipschitz(lipschitz: object) -> float:
+    """A finite positive real number, as float."""
+    if isinstance(lipschitz, bool) or not isinstance(lipschitz, numbers.Real):
+        raise InvalidArgumentTypeError(
+            f"lipschitz must be a real number, got {type(lipschitz).__name__}: {lipschitz!r}"
+        )
+    value = float(lipschitz)
+    if not (math.isfinite(value) and value > 0):
+        raise InvalidArgumentError(f"lipschitz must be finite and > 0, got {lipschitz!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class SpectralNormConfig:
+    """The options of one spectral normalization, validated once on construction.
+
+    Args:
+        lipschitz: target bound ``c`` on each layer's top singular value.
+        mode: ``"hard"`` (``W * c / sigma``) or ``"soft"`` (``W / max(1, sigma / c)``).
+        n_power_iterations: block power-iteration steps per training forward (>= 0).
+        eps: lower bound on ``sigma`` in the division (>= 0).
+
+    Raises:
+        ValueError: a value is out of range (the message names it).
+        TypeError: a value has the wrong type.
+    """
+
+    lipschitz: float = 1.0
+    mode: Mode = "hard"
+    n_power_iterations: int = 1
+    eps: float = 1e-12
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "lipschitz", check_lipschitz(self.lipschitz))
+        if self.mode not in _MODES:
+            raise InvalidArgumentError(f"mode must be 'hard' or 'soft', got {self.mode!r}")
+        n = self.n_power_iterations
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral):
+            raise InvalidArgumentTypeError(
+                f"n_power_iterations must be an int, got {type(n).__name__}: {n!r}"
+            )
+        if n < 0:
+            raise InvalidArgumentError(f"n_power_iterations must be >= 0, got {n}")
+        object.__setattr__(self, "n_power_iterations", int(n))
+        eps = self.eps
+        if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+            raise InvalidArgumentTypeError(
+                f"eps must be a real number, got {type(eps).__name__}: {eps!r}"
+            )
+        if not (math.isfinite(float(eps)) and eps >= 0):
+            raise InvalidArgumentError(f"eps must be finite and >= 0, got {eps!r}")
+        object.__setattr__(self, "eps", float(eps))
+
+
+def parametrization_list(owner: nn.Module, tensor_name: str) -> parametrize.ParametrizationList:
+    """``owner.parametrizations[tensor_name]``, typed."""
+    parametrizations = owner.parametrizations
+    assert isinstance(parametrizations, nn.ModuleDict)
+    found = parametrizations[tensor_name]
+    assert isinstance(found, parametrize.ParametrizationList)
+    return found
+
+
+class PowerIterationHook:
+    """Forward pre-hook that advances the power iteration of a patched layer's weights.
+
+    It runs where the weights are used: for ``nn.MultiheadAttention`` it is registered on
+    the attention module and also advances ``out_proj.weight``, whose ``forward`` the
+    attention never calls. Its class marks snpatch's patched layers.
+
+    Args:
+        targets: ``(submodule path relative to the layer, tensor name)`` pairs.
+    """
+
+    def __init__(self, targets: Sequence[tuple[str, str]]) -> None:
+        self.targets = tuple(targets)
+
+    def __call__(self, module: nn.Module, args: tuple[object, ...]) -> None:
+        if not module.training:
+            return
+        for path, tensor_name in self.targets:
+            owner = module.get_submodule(path) if path else module
+            parametrizations = parametrization_list(owner, tensor_name)
+            cast(SpectralNorm, parametrizations[0]).power_step(parametrizations.original)
+
+
+@dataclass(frozen=True)
+class _Target:
+    """One weight to normalize: ``owner.<tensor_name>`` inside the layer at ``path``."""
+
+    path: str
+    tensor_name: str
+    dim: int
+
+
+def _targets(module: nn.Module) -> list[_Target]:
+    if isinstance(module, nn.MultiheadAttention):
+        names = (
+            ["in_proj_weight"]
+            if module._qkv_same_embed_dim
+            else ["q_proj_weight", "k_proj_weight", "v_proj_weight"]
+        )
+        return [_Target("", name, 0) for name in names] + [_Target("out_proj", "weight", 0)]
+    dim = 1 if isinstance(module, nn.modules.conv._ConvTransposeNd) else 0
+    return [_Target("", "weight", dim)]
+
+
+def _existing_normalization(owner: nn.Module, tensor_name: str) -> str | None:
+    """Which spectral normalization already acts on ``owner.<tensor_name>``, if any."""
+    if parametrize.is_parametrized(owner, tensor_name):
+        for parametrization in parametrization_list(owner, tensor_name):
+            if isinstance(parametrization, SpectralNorm):
+                return "snpatch"
+            if isinstance(parametrization, torch_parametrizations._SpectralNorm):
+                return "torch.nn.utils.parametrizations.spectral_norm"
+    for hook in owner._forward_pre_hooks.values():
+        if isinstance(hook, _LegacySpectralNorm) and hook.name == tensor_name:
+            return "torch.nn.utils.spectral_norm"
+    return None
+
+
+def _check_target(layer_name: str, layer: nn.Module, target: _Target) -> Tensor:
+    """Every reason not to patch this weight, raised before anything changes."""
+    full = f"{layer_name}.{target.path}" if target.path else layer_name
+    label = (
+        f"layer {full!r} ({type(layer).__name__})"
+        if full
+        else f"the model ({type(layer).__name__})"
+    )
+    owner = layer.get_submodule(target.path) if target.path else layer
+    existing = _existing_normalization(owner, target.tensor_name)
+    if existing is not None:
+        raise AlreadyPatchedError(
+            f"{label} already has spectral normalization ({existing}) on "
+            f"{target.tensor_name!r}; remove it first or exclude this layer"
+        )
+    if parametrize.is_parametrized(owner, target.tensor_name):
+        kinds = [type(p).__name__ for p in parametrization_list(owner, target.tensor_name)]
+        raise UnsupportedLayerError(
+            f"{label} already has a parametrization on {target.tensor_name!r} "
+            f"({', '.join(kinds)}); "
+            "snpatch only normalizes plain weights"
+        )
+    weight = getattr(owner, target.tensor_name, None)
+    if isinstance(weight, UninitializedParameter):
+        raise UnsupportedLayerError(
+            f"{label} is a lazy layer whose {target.tensor_name!r} is not initialized yet; "
+            "run one forward pass through the model before patching"
+        )
+    if not isinstance(weight, Tensor):
+        raise UnsupportedLayerError(
+            f"{label} has no tensor {target.tensor_name!r} to normalize "
+            f"(got {type(weight).__name__})"
+        )
+    if weight.dim() < 2:
+        raise UnsupportedLayerError(
+            f"{label} has a {weight.dim()}-D {target.tensor_name!r} "
+            f"of shape {tuple(weight.shape)}; "
+            "spectral normalization needs a weight with at least 2 dimensions"
+        )
+    if not weight.is_floating_point():
+        raise UnsupportedLayerError(
+            f"{label} has a {weight.dtype} {target.tensor_name!r}; only floating-point weights "
+            "can be normalized"
+        )
+    if weight.device.type != "meta" and not bool(torch.isfinite(weight).all()):
+        raise InvalidArgumentError(
+            f"{label} has non-finite values (NaN or inf) in {target.tensor_name!r}"
+        )
+    return weight
+
+
+def apply_spectral_norm(
+    model: T_module,
+    include: Pattern | None = None,
+    exclude: Pattern | None = None,
+    *,
+    lipschitz: float = 1.0,
+    mode: Mode = "hard",
+    n_power_iterations: int = 1,
+    eps: float = 1e-12,
+    layer_types: Sequence[type[nn.Module]] | None = None,
+) -> T_module:
+    """Put spectral normalization on the matching layers of ``model``, in place.
+
+    Each selected ``Linear``, ``Conv*d``, ``ConvTranspose*d`` (and subclasses) gets its
+    ``weight`` reparametrized as ``weight * lipschitz / sigma`` (``mode="hard"``) or
+    ``weight / max(1, sigma / lipschitz)`` (``mode="soft"``), where ``sigma`` is the top
+    singular value of the weight viewed as a matrix. ``nn.MultiheadAttention`` gets the
+    same on ``in_proj_weight`` (or ``q/k/v_proj_weight``) and ``out_proj.weight``.
+
+    The original weight stays the same ``Parameter`` object (at
+    ``layer.parametrizations.weight.original``), so an optimizer built before keeps
+    working, and the ``state_dict`` layout is that of
+    ``torch.nn.utils.parametrizations.spectral_norm``. The estimate of ``sigma`` starts
+    converged (within 0.1% of the exact value) and is tracked by a block power iteration
+    in each training-mode forward; eval mode changes no state.
+
+    Args:
+        model: any ``nn.Module``.
+        include: pattern(s) or a predicate selecting layers (see :mod:`snpatch.select`);
+            None selects every eligible layer.
+        exclude: pattern(s) or a predicate removing layers; exclude wins over include.
+        lipschitz: target bound on each layer's top singular value (finite, > 0).
+        mode: ``"hard"`` or ``"soft"``.
+        n_power_iterations: block power-iteration steps per training forward (>= 0).
+        eps: lower bound on ``sigma`` in the division (>= 0).
+        layer_types: eligible layer classes (default :data:`snpatch.DEFAULT_LAYER_TYPES`).
+
+    Returns:
+        ``model`` itself, patched.
+
+    Raises:
+        TypeError: ``model`` is not a module, or an argument has the wrong type.
+        ValueError: an argument value is out of range, or a layer's weight is not finite.
+        NoMatchingLayersError: an include pattern matched nothing, or nothing is selected.
+        AlreadyPatchedError: a selected layer already has spectral normalization.
+        UnsupportedLayerError: a selected layer is lazy or has no usable weight.
+
+    On any error the model is left exactly as it was.
+
+    Example:
+        >>> import torch, torchvision, snpatch
+        >>> model = torchvision.models.resnet18(weights=None)
+        >>> model = snpatch.apply_spectral_norm(model, exclude="fc", lipschitz=2.0)
+        >>> len(snpatch.patched_layers(model))
+        20
+    """
+    config = SpectralNormConfig(lipschitz, mode, n_power_iterations, eps)
+    layers = resolve_selection(model, include, exclude, layer_types)
+    plans = []
+    for name, layer in layers:
+        targets = _targets(layer)
+        plans.append((layer, targets, [_check_target(name, layer, t) for t in targets]))
+    # Everything that can fail is computed before the model is touched.
+    built = [
+        (
+            layer,
+            targets,
+            [
+                _build(weight, target, config)
+                for weight, target in zip(weights, targets, strict=True)
+            ],
+        )
+        for layer, targets, weights in plans
+    ]
+    for layer, targets, norms in built:
+        for target, norm in zip(targets, norms, strict=True):
+            owner = layer.get_submodule(target.path) if target.path else layer
+            parametrize.register_parametrization(owner, target.tensor_name, norm, unsafe=True)
+        layer.register_forward_pre_hook(
+            PowerIterationHook([(t.path, t.tensor_name) for t in targets])
+        )
+    return model
+
+
+def _build(weight: Tensor, target: _Target, config: SpectralNormConfig) -> SpectralNorm:
+    return SpectralNorm(
+        weight,
+        dim=target.dim,
+        lipschitz=config.lipschitz,
+        mode=config.mode,
+        n_power_iterations=config.n_power_iterations,
+        eps=config.eps,
+    )
+
+
+def _hook(module: nn.Module) -> PowerIterationHook | None:
+    for hook in module._forward_pre_hooks.values():
+        if isinstance(hook, PowerIterationHook):
+            return hook
+    return None
+
+
+def patched_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The layers of ``model`` that carry snpatch's spectral normalization, by name.
+
+    A patched ``nn.MultiheadAttention`` is one entry (its ``out_proj`` is part of it).
+
+    Example:
+        >>> import torch.nn as nn, snpatch
+        >>> net = snpatch.apply_spectral_norm(nn.Sequential(nn.Linear(4, 4), nn.ReLU()))
+        >>> list(snpatch.patched_layers(net))
+        ['0']
+    """
+    check_model(model)
+    return {name: module for name, module in model.named_modules() if _hook(module) is not None}
+
+
+def spectral_norms(layer: nn.Module) -> dict[str, SpectralNorm]:
+    """The :class:`SpectralNorm` parametrizations of one patched layer, by tensor path.
+
+    Keys are ``"weight"``, or ``"in_proj_weight"`` and ``"out_proj.weight"`` for attention.
+    Empty for a layer snpatch did not patch.
+    """
+    hook = _hook(layer)
+    if hook is None:
+        return {}
+    found = {}
+    for path, tensor_name in hook.targets:
+        owner = layer.get_submodule(path) if path else layer
+        key = f"{path}.{tensor_name}" if path else tensor_name
+        found[key] = cast(SpectralNorm, parametrization_list(owner, tensor_name)[0])
+    return found
+
+
+def is_patched(module: nn.Module) -> bool:
+    """True if ``module`` or any submodule carries snpatch's spectral normalization."""
+    check_model(module)
+    return any(isinstance(sub, SpectralNorm) or _hook(sub) is not None for sub in module.modules())
+
+
+def set_lipschitz(
+    model: T_module,
+    lipschitz: float,
+    include: Pattern | None = None,
+    exclude: Pattern | None = None,
+) -> T_module:
+    """Change the target bound of already-patched layers, keeping their iteration state.
+
+    Args:
+        model: a model patched by :func:`apply_spectral_norm`.
+        lipschitz: the new target (finite, > 0).
+        include: pattern(s) or a predicate over the patched layers; None means all.
+        exclude: pattern(s) or a predicate removing patched layers.
+
+    Returns:
+        ``model`` itself.
+
+    Raises:
+        ValueError: ``lipschitz`` is out of range.
+        NoMatchingLayersError: no patched layer is selected.
+    """
+    value = check_lipschitz(lipschitz)
+    module = check_model(model)
+    layers = select_from(
+        module,
+        list(patched_layers(module).items()),
+        LayerFilter.parse(include, "include"),
+        LayerFilter.parse(exclude, "exclude"),
+        what="patched",
+    )
+    for _, layer in layers:
+        for norm in spectral_norms(layer).values():
+            norm.lipschitz = value
+    return model
