@@ -1,0 +1,178 @@
+"""Command line: ``snpatch inspect`` (also ``python -m snpatch``).
+
+``snpatch inspect [MODEL]`` builds a model (a torchvision model name, or
+``package.module:factory``), loads ``--weights`` if given, patches it and prints each
+patched layer's top singular value before and after. Bad input gives one line on stderr
+and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import pickle
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import SnpatchError
+from .parametrization import weight_to_matrix
+from .patch import _targets, apply_spectral_norm, patched_layers
+from .select import select_layers
+
+__all__ = ["build_model", "main"]
+
+EXIT_USAGE = 2
+
+
+class _UsageError(Exception):
+    """A problem with the command line's input: reported as one line, exit code 2."""
+
+
+def build_model(spec: str) -> nn.Module:
+    """A model from a torchvision name (``resnet18``) or ``package.module:factory``."""
+    if ":" in spec:
+        module_name, _, attribute = spec.partition(":")
+        try:
+            factory = getattr(importlib.import_module(module_name), attribute)
+        except (ImportError, AttributeError) as error:
+            raise _UsageError(f"cannot load model factory {spec!r}: {error}") from error
+    else:
+        try:
+            import torchvision  # type: ignore[import-untyped]
+        except ImportError as error:  # pragma: no cover - torchvision is in the vision extra
+            raise _UsageError(
+                f"model {spec!r} needs torchvision (pip install 'snpatch[vision]')"
+            ) from error
+        names = torchvision.models.list_models(module=torchvision.models)
+        if spec not in names:
+            raise _UsageError(
+                f"unknown model {spec!r}: not a torchvision classification model "
+                "(e.g. resnet18, vgg16) and not of the form package.module:factory"
+            )
+        model: nn.Module = torchvision.models.get_model(spec, weights=None)
+        return model
+    model = factory() if callable(factory) else factory
+    if not isinstance(model, nn.Module):
+        raise _UsageError(f"{spec!r} gave {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def _load_weights(model: nn.Module, path: str) -> None:
+    try:
+        state = torch.load(Path(path), map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise _UsageError(f"cannot read weights file {path!r}: {reason}") from error
+    if not isinstance(state, dict):
+        raise _UsageError(f"weights file {path!r} holds {type(state).__name__}, not a state_dict")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        first = str(error).strip().splitlines()
+        raise _UsageError(
+            f"weights file {path!r} does not fit the model: {' '.join(first[:3])}"
+        ) from error
+
+
+def _top_singular_values(model: nn.Module, names: Sequence[str]) -> dict[str, float]:
+    """Exact top singular value of each layer's (effective) weights, max over its tensors."""
+    values = {}
+    with torch.no_grad():
+        for name in names:
+            layer = model.get_submodule(name) if name else model
+            sigma = 0.0
+            for target in _targets(layer):
+                owner = layer.get_submodule(target.path) if target.path else layer
+                weight = getattr(owner, target.tensor_name).float()
+                matrix = weight_to_matrix(weight, target.dim)
+                sigma = max(sigma, float(torch.linalg.matrix_norm(matrix, ord=2)))
+            values[name] = sigma
+    return values
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    model = build_model(args.model)
+    if args.weights:
+        _load_weights(model, args.weights)
+    model.eval()
+    names = select_layers(model, args.include, args.exclude)
+    before = _top_singular_values(model, names)
+    apply_spectral_norm(model, args.include, args.exclude, lipschitz=args.lipschitz, mode=args.mode)
+    patched = list(patched_layers(model))
+    after = _top_singular_values(model, patched)
+    rows = [
+        {
+            "name": name,
+            "layer_type": type(model.get_submodule(name)).__name__.removeprefix("Parametrized"),
+            "sigma_before": before[name],
+            "sigma_after": after[name],
+        }
+        for name in patched
+    ]
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "model": args.model,
+                    "lipschitz": args.lipschitz,
+                    "mode": args.mode,
+                    "layers": rows,
+                },
+                indent=2,
+            )
+        )
+        return 0
+    width = max(len("layer"), *(len(name) for name in patched))
+    print(
+        f"{args.model}: {len(rows)} layers patched (lipschitz={args.lipschitz:g}, mode={args.mode})"
+    )
+    print(f"{'layer':<{width}}  {'type':<18}  {'sigma before':>12}  {'sigma after':>11}")
+    for row in rows:
+        print(
+            f"{row['name']:<{width}}  {row['layer_type']:<18}  "
+            f"{row['sigma_before']:>12.4f}  {row['sigma_after']:>11.4f}"
+        )
+    worst = max(abs(row["sigma_after"] - args.lipschitz) for row in rows) / args.lipschitz
+    print(f"worst |sigma - target| / target after patching: {worst:.2e}")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="snpatch", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    inspect = commands.add_parser("inspect", help="patch a model and show its layers' sigmas")
+    inspect.add_argument(
+        "model",
+        nargs="?",
+        default="resnet18",
+        help="torchvision model name or package.module:factory (default resnet18)",
+    )
+    inspect.add_argument("--include", action="append", default=None, metavar="PATTERN")
+    inspect.add_argument("--exclude", action="append", default=None, metavar="PATTERN")
+    inspect.add_argument("--lipschitz", type=float, default=1.0)
+    inspect.add_argument("--mode", choices=["hard", "soft"], default="hard")
+    inspect.add_argument("--weights", metavar="PATH", help="state_dict file (torch.save)")
+    inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    inspect.set_defaults(run=_inspect)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``snpatch`` command; returns the exit code."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    run: Callable[[argparse.Namespace], int] = args.run
+    try:
+        return run(args)
+    except (_UsageError, SnpatchError) as error:
+        print(f"snpatch: error: {' '.join(str(error).split())}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
