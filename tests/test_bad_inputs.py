@@ -1,0 +1,191 @@
+"""Every bad input: a clear, specific error naming the offending value, and an untouched model."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import parametrizations, parametrize
+from torch.nn.utils import spectral_norm as legacy_spectral_norm
+
+import snpatch
+from snpatch import (
+    AlreadyPatchedError,
+    NoMatchingLayersError,
+    SnpatchError,
+    UnsupportedLayerError,
+)
+
+
+def _model() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4, 2))
+
+
+def _snapshot(model: nn.Module) -> tuple[type, list[str], dict[str, torch.Tensor], int]:
+    return (
+        type(model),
+        [type(m).__name__ for m in model.modules()],
+        {k: v.clone() for k, v in model.state_dict().items()},
+        sum(len(m._forward_pre_hooks) for m in model.modules()),
+    )
+
+
+def _assert_unchanged(model: nn.Module, before: Any) -> None:
+    after = _snapshot(model)
+    assert after[0] is before[0]
+    assert after[1] == before[1]
+    assert after[2].keys() == before[2].keys()
+    for key in before[2]:
+        assert torch.equal(after[2][key], before[2][key]), key
+    assert after[3] == before[3]
+    assert not snpatch.is_patched(model)
+
+
+BAD_ARGUMENTS = [
+    ({"lipschitz": 0.0}, ValueError, "lipschitz.*0.0"),
+    ({"lipschitz": -1}, ValueError, "lipschitz.*-1"),
+    ({"lipschitz": math.nan}, ValueError, "lipschitz.*nan"),
+    ({"lipschitz": math.inf}, ValueError, "lipschitz.*inf"),
+    ({"lipschitz": "1"}, TypeError, "lipschitz.*str"),
+    ({"lipschitz": True}, TypeError, "lipschitz.*bool"),
+    ({"mode": "medium"}, ValueError, "mode.*'medium'"),
+    ({"n_power_iterations": -1}, ValueError, "n_power_iterations.*-1"),
+    ({"n_power_iterations": 1.5}, TypeError, "n_power_iterations.*1.5"),
+    ({"eps": -1e-3}, ValueError, "eps.*-0.001"),
+    ({"eps": math.nan}, ValueError, "eps.*nan"),
+    ({"include": ""}, ValueError, "include.*empty pattern"),
+    ({"include": []}, ValueError, "include is an empty list"),
+    ({"include": 3}, TypeError, "include.*int: 3"),
+    ({"include": ["0", 3]}, TypeError, "include must hold strings.*3"),
+    ({"exclude": "re:("}, ValueError, "exclude pattern 're:\\(' is not a valid regular expression"),
+    ({"include": "nothing"}, NoMatchingLayersError, "'nothing'"),
+    ({"exclude": "*"}, NoMatchingLayersError, "leave no eligible layer"),
+    ({"layer_types": []}, ValueError, "layer_types is empty"),
+    ({"layer_types": [int]}, TypeError, "layer_types.*int"),
+    ({"layer_types": "Linear"}, TypeError, "layer_types.*'Linear'"),
+    ({"layer_types": [nn.BatchNorm1d]}, NoMatchingLayersError, "no eligible layers"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "error", "message"), BAD_ARGUMENTS)
+def test_bad_arguments(kwargs: dict[str, Any], error: type[Exception], message: str) -> None:
+    model = _model()
+    before = _snapshot(model)
+    with pytest.raises(error, match=message) as info:
+        snpatch.apply_spectral_norm(model, **kwargs)
+    assert isinstance(info.value, SnpatchError)
+    _assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("model", [None, "resnet18", torch.zeros(3), nn.Linear])
+def test_model_must_be_a_module(model: object) -> None:
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        snpatch.apply_spectral_norm(model)  # type: ignore[type-var]
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        snpatch.select_layers(model)  # type: ignore[arg-type]
+
+
+def test_patching_twice_names_the_layer() -> None:
+    model = snpatch.apply_spectral_norm(_model())
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(AlreadyPatchedError, match="layer '0'.*snpatch"):
+        snpatch.apply_spectral_norm(model)
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert len(model[0]._forward_pre_hooks) == 1
+
+
+def test_torch_parametrizations_spectral_norm_is_detected() -> None:
+    model = _model()
+    parametrizations.spectral_norm(model[3])
+    before = model.state_dict().keys()
+    with pytest.raises(AlreadyPatchedError, match="layer '3'.*parametrizations.spectral_norm"):
+        snpatch.apply_spectral_norm(model)
+    assert model.state_dict().keys() == before
+    assert not snpatch.is_patched(model)
+    snpatch.apply_spectral_norm(model, exclude="3")  # the rest can still be patched
+
+
+def test_legacy_spectral_norm_is_detected() -> None:
+    model = _model()
+    legacy_spectral_norm(model[0])
+    with pytest.raises(AlreadyPatchedError, match="layer '0'.*torch.nn.utils.spectral_norm"):
+        snpatch.apply_spectral_norm(model)
+    assert not snpatch.is_patched(model)
+
+
+def test_other_parametrization_is_refused() -> None:
+    model = _model()
+    parametrizations.weight_norm(model[3])
+    with pytest.raises(UnsupportedLayerError, match="layer '3'.*_WeightNorm"):
+        snpatch.apply_spectral_norm(model)
+    assert not snpatch.is_patched(model)
+    assert parametrize.is_parametrized(model[3], "weight")
+
+
+def test_lazy_layer_names_layer_and_says_run_a_forward() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(2))
+    conv_weight = model[0].weight.detach().clone()
+    with pytest.raises(SnpatchError, match="layer '2'.*lazy.*run one forward"):
+        snpatch.apply_spectral_norm(model)
+    assert not snpatch.is_patched(model)
+    assert type(model[0]) is nn.Conv2d
+    assert torch.equal(model[0].weight, conv_weight)
+    model(torch.randn(1, 3, 3, 3))
+    snpatch.apply_spectral_norm(model)  # initialized: fine now
+    assert list(snpatch.patched_layers(model)) == ["0", "2"]
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_non_finite_weight_names_layer(bad: float) -> None:
+    model = _model()
+    with torch.no_grad():
+        model[3].weight[0, 0] = bad
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match="layer '3'.*non-finite"):
+        snpatch.apply_spectral_norm(model)
+    # The first layer was fine, but nothing was patched.
+    assert not snpatch.is_patched(model)
+    assert [type(m).__name__ for m in model.modules()] == before[1]
+
+
+def test_one_dimensional_weight_is_refused() -> None:
+    model = nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3))
+    with pytest.raises(UnsupportedLayerError, match="layer '1'.*1-D 'weight'"):
+        snpatch.apply_spectral_norm(model, layer_types=[nn.Linear, nn.LayerNorm])
+    assert not snpatch.is_patched(model)
+
+
+def test_layer_without_weight_is_refused() -> None:
+    model = nn.Sequential(nn.Linear(3, 3), nn.ReLU())
+    with pytest.raises(UnsupportedLayerError, match="layer '1'.*no tensor 'weight'"):
+        snpatch.apply_spectral_norm(model, layer_types=[nn.Linear, nn.ReLU])
+    assert not snpatch.is_patched(model)
+
+
+def test_integer_weight_is_refused() -> None:
+    layer = nn.Linear(3, 3)
+    layer.weight = nn.Parameter(torch.ones(3, 3, dtype=torch.int64), requires_grad=False)
+    with pytest.raises(UnsupportedLayerError, match="torch.int64"):
+        snpatch.apply_spectral_norm(layer)
+
+
+def test_set_lipschitz_bad_inputs() -> None:
+    model = snpatch.apply_spectral_norm(_model(), include="0")
+    with pytest.raises(ValueError, match="lipschitz.*-2"):
+        snpatch.set_lipschitz(model, -2)
+    with pytest.raises(NoMatchingLayersError, match="include '3' matched no patched layer"):
+        snpatch.set_lipschitz(model, 2.0, include="3")
+    with pytest.raises(NoMatchingLayersError, match="no patched layers"):
+        snpatch.set_lipschitz(_model(), 2.0)
+    assert snpatch.spectral_norms(model[0])["weight"].lipschitz == 1.0
+
+
+def test_errors_subclass_the_builtins_they_mean() -> None:
+    assert issubclass(NoMatchingLayersError, ValueError)
+    assert issubclass(AlreadyPatchedError, RuntimeError)
+    assert issubclass(UnsupportedLayerError, TypeError)
+    for error in (NoMatchingLayersError, AlreadyPatchedError, UnsupportedLayerError):
+        assert issubclass(error, SnpatchError)
