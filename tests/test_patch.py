@@ -411,3 +411,37 @@ def test_tracking_acceptance_resnet18_adam() -> None:
         loss.backward()
         optimizer.step()
     assert worst <= 5e-3
+
+
+@pytest.mark.parametrize("shape", [(300, 400), (500, 120), (48, 48)])
+def test_lanczos_start_for_large_layers_is_exact(
+    shape: tuple[int, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Layers whose smaller side exceeds the Gram limit start from a Lanczos
+    # bidiagonalization; force that path on small layers to check it densely.
+    monkeypatch.setattr(snpatch.parametrization, "_GRAM_LIMIT", 8)
+    layer = snpatch.apply_spectral_norm(nn.Linear(shape[1], shape[0]), lipschitz=3.0)
+    assert exact_sigma(layer)["weight"] == pytest.approx(3.0, rel=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_device_move_and_float16_autocast_training() -> None:
+    layers = [nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 4)]
+    model = snpatch.apply_spectral_norm(nn.Sequential(*layers))
+    model.cuda()
+    for norm in (m for m in model.modules() if isinstance(m, snpatch.SpectralNorm)):
+        assert norm._u.is_cuda and norm._block.is_cuda
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    scaler = torch.amp.GradScaler("cuda")
+    x = torch.randn(4, 3, 6, 6, device="cuda")
+    for _ in range(3):
+        with torch.autocast("cuda", dtype=torch.float16):
+            loss = model(x).float().square().mean()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+    model(x)
+    for layer in snpatch.patched_layers(model).values():
+        for sigma in exact_sigma(layer).values():
+            assert sigma == pytest.approx(1.0, rel=1e-3)
