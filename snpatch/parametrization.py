@@ -303,14 +303,26 @@ class SpectralNorm(nn.Module):
     def converge(self, weight: Tensor) -> None:
         """Re-estimate the whole state to full accuracy for ``weight`` (used at patch time)."""
         with torch.autocast(weight.device.type, enabled=False):
-            matrix = self._matrix(weight)
-            k = self.block_size
-            if min(matrix.shape) <= _GRAM_LIMIT:
-                basis = _gram_subspace(matrix, k)
-            else:
-                basis = _lanczos_subspace(matrix, k, self._block[0].clone())
-            self._block.copy_(basis.mT)
-            self._step(matrix)
+            self._fit_block(self._matrix(weight))
+            self._step(self._matrix(weight))
+
+    @torch.no_grad()
+    def refit_block(self, weight: Tensor) -> None:
+        """Re-fit only the tracked block to ``weight``, keeping ``u``, ``v`` and ``sigma``.
+
+        Used after ``load_state_dict``: the loaded vectors keep eval outputs exactly as saved,
+        while the next training step starts from the right subspace of the loaded weight.
+        """
+        with torch.autocast(weight.device.type, enabled=False):
+            self._fit_block(self._matrix(weight))
+
+    def _fit_block(self, matrix: Tensor) -> None:
+        k = self.block_size
+        if min(matrix.shape) <= _GRAM_LIMIT:
+            basis = _gram_subspace(matrix, k)
+        else:
+            basis = _lanczos_subspace(matrix, k, self._block[0].clone())
+        self._block.copy_(basis.mT)
 
     @torch.no_grad()
     def power_step(self, weight: Tensor) -> None:

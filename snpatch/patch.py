@@ -298,7 +298,19 @@ def apply_spectral_norm(
         layer.register_forward_pre_hook(
             PowerIterationHook([(t.path, t.tensor_name) for t in targets])
         )
+        layer.register_load_state_dict_post_hook(_refit_after_load)  # type: ignore[no-untyped-call]
     return model
+
+
+def _refit_after_load(layer: nn.Module, incompatible_keys: object) -> None:
+    """After ``load_state_dict``, fit each tracked block to the loaded weights."""
+    hook = _hook(layer)
+    if hook is None:
+        return
+    for path, tensor_name in hook.targets:
+        owner = layer.get_submodule(path) if path else layer
+        parametrizations = parametrization_list(owner, tensor_name)
+        cast(SpectralNorm, parametrizations[0]).refit_block(parametrizations.original)
 
 
 def _build(weight: Tensor, target: _Target, config: SpectralNormConfig) -> SpectralNorm:
