@@ -21,7 +21,7 @@ from torch import nn
 
 from .errors import SnpatchError
 from .parametrization import weight_to_matrix
-from .patch import _targets, apply_spectral_norm, patched_layers
+from .patch import apply_spectral_norm, layer_targets, patched_layers
 from .select import select_layers
 
 __all__ = ["build_model", "main"]
@@ -86,7 +86,7 @@ def _top_singular_values(model: nn.Module, names: Sequence[str]) -> dict[str, fl
         for name in names:
             layer = model.get_submodule(name) if name else model
             sigma = 0.0
-            for target in _targets(layer):
+            for target in layer_targets(layer):
                 owner = layer.get_submodule(target.path) if target.path else layer
                 weight = getattr(owner, target.tensor_name).float()
                 matrix = weight_to_matrix(weight, target.dim)

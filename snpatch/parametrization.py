@@ -303,8 +303,9 @@ class SpectralNorm(nn.Module):
     def converge(self, weight: Tensor) -> None:
         """Re-estimate the whole state to full accuracy for ``weight`` (used at patch time)."""
         with torch.autocast(weight.device.type, enabled=False):
-            self._fit_block(self._matrix(weight))
-            self._step(self._matrix(weight))
+            matrix = self._matrix(weight)
+            self._fit_block(matrix)
+            self._step(matrix)
 
     @torch.no_grad()
     def refit_block(self, weight: Tensor) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TypeVar, cast
 
@@ -125,14 +125,20 @@ class PowerIterationHook:
     def __call__(self, module: nn.Module, args: tuple[object, ...]) -> None:
         if not module.training:
             return
+        for _, norm, original in self.norms(module):
+            norm.power_step(original)
+
+    def norms(self, layer: nn.Module) -> Iterator[tuple[str, SpectralNorm, Tensor]]:
+        """``(tensor path, parametrization, original weight)`` for each target of ``layer``."""
         for path, tensor_name in self.targets:
-            owner = module.get_submodule(path) if path else module
+            owner = layer.get_submodule(path) if path else layer
             parametrizations = parametrization_list(owner, tensor_name)
-            cast(SpectralNorm, parametrizations[0]).power_step(parametrizations.original)
+            key = f"{path}.{tensor_name}" if path else tensor_name
+            yield key, cast(SpectralNorm, parametrizations[0]), parametrizations.original
 
 
 @dataclass(frozen=True)
-class _Target:
+class LayerTarget:
     """One weight to normalize: ``owner.<tensor_name>`` inside the layer at ``path``."""
 
     path: str
@@ -140,16 +146,16 @@ class _Target:
     dim: int
 
 
-def _targets(module: nn.Module) -> list[_Target]:
+def layer_targets(module: nn.Module) -> list[LayerTarget]:
     if isinstance(module, nn.MultiheadAttention):
         names = (
             ["in_proj_weight"]
             if module._qkv_same_embed_dim
             else ["q_proj_weight", "k_proj_weight", "v_proj_weight"]
         )
-        return [_Target("", name, 0) for name in names] + [_Target("out_proj", "weight", 0)]
+        return [LayerTarget("", name, 0) for name in names] + [LayerTarget("out_proj", "weight", 0)]
     dim = 1 if isinstance(module, nn.modules.conv._ConvTransposeNd) else 0
-    return [_Target("", "weight", dim)]
+    return [LayerTarget("", "weight", dim)]
 
 
 def _existing_normalization(owner: nn.Module, tensor_name: str) -> str | None:
@@ -166,7 +172,7 @@ def _existing_normalization(owner: nn.Module, tensor_name: str) -> str | None:
     return None
 
 
-def _check_target(layer_name: str, layer: nn.Module, target: _Target) -> Tensor:
+def _check_target(layer_name: str, layer: nn.Module, target: LayerTarget) -> Tensor:
     """Every reason not to patch this weight, raised before anything changes."""
     full = f"{layer_name}.{target.path}" if target.path else layer_name
     label = (
@@ -277,7 +283,7 @@ def apply_spectral_norm(
     layers = resolve_selection(model, include, exclude, layer_types)
     plans = []
     for name, layer in layers:
-        targets = _targets(layer)
+        targets = layer_targets(layer)
         plans.append((layer, targets, [_check_target(name, layer, t) for t in targets]))
     # Everything that can fail is computed before the model is touched.
     built = [
@@ -305,15 +311,12 @@ def apply_spectral_norm(
 def _refit_after_load(layer: nn.Module, incompatible_keys: object) -> None:
     """After ``load_state_dict``, fit each tracked block to the loaded weights."""
     hook = _hook(layer)
-    if hook is None:
-        return
-    for path, tensor_name in hook.targets:
-        owner = layer.get_submodule(path) if path else layer
-        parametrizations = parametrization_list(owner, tensor_name)
-        cast(SpectralNorm, parametrizations[0]).refit_block(parametrizations.original)
+    if hook is not None:
+        for _, norm, original in hook.norms(layer):
+            norm.refit_block(original)
 
 
-def _build(weight: Tensor, target: _Target, config: SpectralNormConfig) -> SpectralNorm:
+def _build(weight: Tensor, target: LayerTarget, config: SpectralNormConfig) -> SpectralNorm:
     return SpectralNorm(
         weight,
         dim=target.dim,
@@ -355,12 +358,7 @@ def spectral_norms(layer: nn.Module) -> dict[str, SpectralNorm]:
     hook = _hook(layer)
     if hook is None:
         return {}
-    found = {}
-    for path, tensor_name in hook.targets:
-        owner = layer.get_submodule(path) if path else layer
-        key = f"{path}.{tensor_name}" if path else tensor_name
-        found[key] = cast(SpectralNorm, parametrization_list(owner, tensor_name)[0])
-    return found
+    return {key: norm for key, norm, _ in hook.norms(layer)}
 
 
 def is_patched(module: nn.Module) -> bool:

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, settings
 from torch import nn
 
 from snpatch.parametrization import weight_to_matrix
-from snpatch.patch import _targets
+from snpatch.patch import layer_targets
 
 settings.register_profile(
     "ci",
@@ -35,7 +35,7 @@ def exact_sigma(layer: nn.Module) -> dict[str, float]:
     """Top singular value of each (effective) weight of a layer, via dense SVD in float64."""
     out = {}
     with torch.no_grad():
-        for target in _targets(layer):
+        for target in layer_targets(layer):
             owner = layer.get_submodule(target.path) if target.path else layer
             weight = getattr(owner, target.tensor_name).double()
             matrix = weight_to_matrix(weight, target.dim)

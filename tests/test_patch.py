@@ -198,12 +198,12 @@ def test_double_backward_gradient_penalty_matches_torch_formula() -> None:
     snpatch.apply_spectral_norm(critic).eval()
     x = torch.randn(5, 4, dtype=torch.double, requires_grad=True)
 
-    def penalty(model: nn.Module, weights: list[torch.Tensor]) -> torch.Tensor:
+    def penalty(model: nn.Module) -> torch.Tensor:
         out = model(x).sum()
         (grad_x,) = torch.autograd.grad(out, x, create_graph=True)
         return grad_x.square().sum()
 
-    ours = penalty(critic, [])
+    ours = penalty(critic)
     originals = [critic[i].parametrizations.weight.original for i in (0, 2)]
     grads = torch.autograd.grad(ours, originals)
     # Reference: plain layers whose weight is torch's formula with the same u, v.
