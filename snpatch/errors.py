@@ -12,6 +12,8 @@ __all__ = [
     "InvalidArgumentError",
     "InvalidArgumentTypeError",
     "NoMatchingLayersError",
+    "SerializationError",
+    "SnapshotMismatchError",
     "SnpatchError",
     "SnpatchWarning",
     "UnsupportedLayerError",
@@ -43,6 +45,14 @@ class UnsupportedLayerError(SnpatchError, TypeError):
 
     For example: a lazy layer, a weight that is not 2-D or more, another parametrization.
     """
+
+
+class SnapshotMismatchError(SnpatchError, ValueError):
+    """A snapshot does not fit the model it is restored into (missing layer, other shape)."""
+
+
+class SerializationError(SnpatchError, RuntimeError):
+    """A patched model was pickled or scripted whole; the message says what works instead."""
 
 
 class SnpatchWarning(UserWarning):

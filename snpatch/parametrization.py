@@ -13,12 +13,14 @@ one vector per step falls behind).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, Literal
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .errors import SerializationError
 
 __all__ = ["BLOCK_SIZE", "Mode", "SpectralNorm", "weight_to_matrix"]
 
@@ -254,6 +256,11 @@ class SpectralNorm(nn.Module):
         block_size: vectors tracked per side (at most ``min(matrix shape)``).
     """
 
+    #: Name under which snapshots (:func:`snpatch.remove_spectral_norm`) record this class.
+    kind: ClassVar[str] = "matrix"
+    #: The buffers saved in ``state_dict`` (torch's layout); the others are derived state.
+    persistent_buffers: ClassVar[frozenset[str]] = frozenset({"_u", "_v"})
+
     _u: Tensor
     _v: Tensor
     _block: Tensor
@@ -288,6 +295,51 @@ class SpectralNorm(nn.Module):
             self.register_buffer("_block", block, persistent=False)
             self.register_buffer("_sigma", matrix.new_zeros(()), persistent=False)
         self.converge(weight)
+
+    def config(self) -> dict[str, object]:
+        """The options, as plain Python values (with :meth:`from_config`: an exact copy)."""
+        return {
+            "dim": self.dim,
+            "lipschitz": self.lipschitz,
+            "mode": self.mode,
+            "n_power_iterations": self.n_power_iterations,
+            "eps": self.eps,
+        }
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], buffers: Mapping[str, Tensor]) -> SpectralNorm:
+        """Rebuild a parametrization from :meth:`config` and its buffers, estimating nothing.
+
+        ``buffers`` maps every buffer name (persistent or not) to its tensor, which is used
+        as it is (not copied). Uses no random numbers, so restoring a snapshot leaves the
+        global RNG, and with it the rest of a training run, untouched.
+        """
+        norm = cls.__new__(cls)
+        nn.Module.__init__(norm)
+        norm.dim = int(config["dim"])
+        norm.lipschitz = float(config["lipschitz"])
+        norm.mode = config["mode"]
+        norm.n_power_iterations = int(config["n_power_iterations"])
+        norm.eps = float(config["eps"])
+        for name, tensor in buffers.items():
+            norm.register_buffer(name, tensor, persistent=name in cls.persistent_buffers)
+        return norm
+
+    @torch.no_grad()
+    def effective_weight(self, weight: Tensor) -> Tensor:
+        """The normalized weight as the eval forward computes it (no iteration step, no grad)."""
+        sigma = self.sigma(weight)
+        scale = _scale(sigma, self.lipschitz, self.mode == "soft", self.eps)
+        return _scaled(weight.detach(), scale)
+
+    def __prepare_scriptable__(self) -> SpectralNorm:
+        # torch.jit.script calls this on every submodule before compiling; parametrized
+        # modules can't be scripted, so say what works instead of a parser error.
+        raise SerializationError(
+            "torch.jit.script can't compile a layer with spectral normalization "
+            "(a torch.nn.utils.parametrize parametrization); script the model inside "
+            "`with snpatch.exported(model):`, which bakes in the normalized weights"
+        )
 
     def _matrix(self, weight: Tensor) -> Tensor:
         """The detached weight as a matrix in the state's dtype (float32 at least)."""

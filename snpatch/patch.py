@@ -25,6 +25,7 @@ from .errors import (
     AlreadyPatchedError,
     InvalidArgumentError,
     InvalidArgumentTypeError,
+    SerializationError,
     UnsupportedLayerError,
 )
 from .parametrization import Mode, SpectralNorm
@@ -298,22 +299,131 @@ def apply_spectral_norm(
         for layer, targets, weights in plans
     ]
     for layer, targets, norms in built:
-        for target, norm in zip(targets, norms, strict=True):
-            owner = layer.get_submodule(target.path) if target.path else layer
-            parametrize.register_parametrization(owner, target.tensor_name, norm, unsafe=True)
-        layer.register_forward_pre_hook(
-            PowerIterationHook([(t.path, t.tensor_name) for t in targets])
-        )
-        layer.register_load_state_dict_post_hook(_refit_after_load)  # type: ignore[no-untyped-call]
+        install(layer, [(t.path, t.tensor_name) for t in targets], norms)
     return model
 
 
-def _refit_after_load(layer: nn.Module, incompatible_keys: object) -> None:
-    """After ``load_state_dict``, fit each tracked block to the loaded weights."""
-    hook = _hook(layer)
-    if hook is not None:
-        for _, norm, original in hook.norms(layer):
-            norm.refit_block(original)
+def install(
+    layer: nn.Module, targets: Sequence[tuple[str, str]], norms: Sequence[nn.Module]
+) -> None:
+    """Register ``norms`` on the ``(path, tensor name)`` targets of ``layer``, and its hooks.
+
+    The one place that changes a layer into a patched one (used by apply and restore).
+    """
+    adapter = CheckpointAdapter()
+    for (path, tensor_name), norm in zip(targets, norms, strict=True):
+        owner = layer.get_submodule(path) if path else layer
+        adapter.tensor_order.setdefault(path, (*owner._parameters, *owner._buffers))
+        parametrize.register_parametrization(owner, tensor_name, norm, unsafe=True)
+        # torch made this class for ``owner`` alone; its default message for pickling
+        # doesn't say what to do with a spectrally normalized model.
+        type(owner).__getstate__ = _refuse_pickling  # type: ignore[method-assign]
+    layer.register_forward_pre_hook(PowerIterationHook(targets))
+    layer.register_load_state_dict_pre_hook(adapter.before_load)  # type: ignore[no-untyped-call]
+    layer.register_load_state_dict_post_hook(adapter.after_load)  # type: ignore[no-untyped-call]
+
+
+def uninstall_hooks(layer: nn.Module) -> None:
+    """Remove the hooks :func:`install` added to ``layer`` (found by their classes)."""
+    for hooks in (layer._forward_pre_hooks, layer._forward_pre_hooks_with_kwargs):
+        for key in [k for k, hook in hooks.items() if isinstance(hook, PowerIterationHook)]:
+            del hooks[key]
+    for hooks in (layer._load_state_dict_pre_hooks, layer._load_state_dict_post_hooks):
+        for key in [k for k, hook in hooks.items() if _adapter_of(hook) is not None]:
+            del hooks[key]
+
+
+def checkpoint_adapter(layer: nn.Module) -> CheckpointAdapter | None:
+    """The :class:`CheckpointAdapter` that :func:`install` registered on ``layer``, if any."""
+    for hook in layer._load_state_dict_post_hooks.values():
+        adapter = _adapter_of(hook)
+        if adapter is not None:
+            return adapter
+    return None
+
+
+def _adapter_of(hook: object) -> CheckpointAdapter | None:
+    # Pre-hooks are wrapped in torch's ``_WrappedHook``; both are bound methods.
+    method = getattr(hook, "hook", hook)
+    owner = getattr(method, "__self__", None)
+    return owner if isinstance(owner, CheckpointAdapter) else None
+
+
+def _refuse_pickling(self: nn.Module) -> object:
+    raise SerializationError(
+        f"can't pickle {type(self).__name__}: it carries a torch.nn.utils.parametrize "
+        "parametrization (snpatch's spectral normalization), which torch only serializes "
+        "through state_dict(). Save model.state_dict() (it loads back into a patched model), "
+        "snpatch.plain_state_dict(model) (loads into the unpatched architecture), or call "
+        "torch.save(model) inside `with snpatch.exported(model):`"
+    )
+
+
+class CheckpointAdapter:
+    """``load_state_dict`` hooks of a patched layer: accept other layouts, then re-fit.
+
+    Before loading, per weight of the layer, it renames the keys of an unpatched
+    checkpoint (``weight``) and of the legacy ``torch.nn.utils.spectral_norm``
+    (``weight_orig``, ``weight_u``, ``weight_v``) to the patched layout. Its own layout
+    (torch's ``parametrizations.spectral_norm`` layout) needs nothing. Keys in none of these
+    forms are left alone, so ``strict=True`` reports them as torch would.
+
+    After loading, each weight whose ``u``/``v`` came from the checkpoint keeps them (eval
+    outputs are exactly those saved) and only the tracked block is re-fitted; a weight
+    loaded without them is re-estimated to full accuracy.
+    """
+
+    def __init__(self) -> None:
+        self.pending: set[str] = set()
+        # Each owner's parameter and buffer names before patching, by path in the layer:
+        # removal puts ``weight`` back in its place (parameters() and state_dict order).
+        self.tensor_order: dict[str, tuple[str, ...]] = {}
+
+    def before_load(
+        self,
+        layer: nn.Module,
+        state_dict: dict[str, Tensor],
+        prefix: str,
+        *args: object,
+    ) -> None:
+        hook = _hook(layer)
+        if hook is None:
+            return
+        for key, norm, _ in hook.norms(layer):
+            path, _, tensor_name = key.rpartition(".")
+            base = f"{prefix}{path}." if path else prefix
+            patched = f"{base}parametrizations.{tensor_name}."
+            if f"{patched}original" in state_dict:
+                continue
+            if f"{base}{tensor_name}" in state_dict:
+                state_dict[f"{patched}original"] = state_dict.pop(f"{base}{tensor_name}")
+                # Placeholders for strict=True; after_load re-estimates them.
+                for name in norm.persistent_buffers:
+                    state_dict.setdefault(f"{patched}0.{name}", getattr(norm, name))
+                self.pending.add(key)
+            elif f"{base}{tensor_name}_orig" in state_dict:
+                state_dict[f"{patched}original"] = state_dict.pop(f"{base}{tensor_name}_orig")
+                legacy = [f"{base}{tensor_name}_u", f"{base}{tensor_name}_v"]
+                if all(k in state_dict for k in legacy) and norm.kind == "matrix":
+                    state_dict[f"{patched}0._u"] = state_dict.pop(legacy[0])
+                    state_dict[f"{patched}0._v"] = state_dict.pop(legacy[1])
+                else:
+                    for name in norm.persistent_buffers:
+                        state_dict.setdefault(f"{patched}0.{name}", getattr(norm, name))
+                    for k in legacy:
+                        state_dict.pop(k, None)
+                    self.pending.add(key)
+
+    def after_load(self, layer: nn.Module, incompatible_keys: object) -> None:
+        hook = _hook(layer)
+        pending, self.pending = self.pending, set()
+        if hook is None:
+            return
+        for key, norm, original in hook.norms(layer):
+            if key in pending:
+                norm.converge(original)
+            else:
+                norm.refit_block(original)
 
 
 def _build(weight: Tensor, target: LayerTarget, config: SpectralNormConfig) -> SpectralNorm:

@@ -1,0 +1,428 @@
+"""Take spectral normalization off for export, put it back exactly, and plain checkpoints.
+
+:func:`remove_spectral_norm` bakes each normalized weight into a plain ``Parameter`` (the
+same object the optimizer holds) and returns a :class:`SpectralNormSnapshot` of everything
+it took off; :func:`restore_spectral_norm` puts that state back, so training continues
+bit for bit as if nothing had happened. :func:`exported` does both around a ``with``
+block, and :func:`plain_state_dict` gives the unpatched architecture's checkpoint without
+touching the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from .errors import AlreadyPatchedError, InvalidArgumentTypeError, SnapshotMismatchError
+from .parametrization import SpectralNorm
+from .patch import (
+    checkpoint_adapter,
+    install,
+    layer_targets,
+    parametrization_list,
+    patched_layers,
+    spectral_norms,
+    uninstall_hooks,
+)
+from .select import LayerFilter, Pattern, check_model, select_from
+
+__all__ = [
+    "SpectralNormSnapshot",
+    "exported",
+    "plain_state_dict",
+    "remove_spectral_norm",
+    "restore_spectral_norm",
+]
+
+T_module = TypeVar("T_module", bound=nn.Module)
+
+#: Parametrization classes a snapshot can rebuild, by their ``kind``.
+NORM_KINDS: dict[str, type[SpectralNorm]] = {SpectralNorm.kind: SpectralNorm}
+
+_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class SpectralNormSnapshot:
+    """Everything :func:`remove_spectral_norm` took off a model, to put back exactly.
+
+    ``layers`` maps each layer name to its weights (``"weight"``, or ``"in_proj_weight"``
+    and ``"out_proj.weight"`` for attention), each a record with ``kind``, ``config`` (the
+    options), ``buffers`` (the whole iteration state) and ``original`` (the unnormalized
+    weight values). Only tensors and plain Python values: ``torch.save`` it and load it
+    back with ``torch.load(path, weights_only=True)``.
+
+    Example:
+        >>> import torch.nn as nn, snpatch
+        >>> net = snpatch.apply_spectral_norm(nn.Sequential(nn.Linear(4, 4)))
+        >>> snapshot = snpatch.remove_spectral_norm(net)
+        >>> list(snapshot.layers), len(snapshot)
+        (['0'], 1)
+    """
+
+    layers: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    format: int = _FORMAT
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __bool__(self) -> bool:
+        return bool(self.layers)
+
+
+# torch.load(weights_only=True) rebuilds only allow-listed classes.
+torch.serialization.add_safe_globals([SpectralNormSnapshot])
+
+
+def remove_spectral_norm(
+    model: nn.Module,
+    include: Pattern | None = None,
+    exclude: Pattern | None = None,
+) -> SpectralNormSnapshot:
+    """Take snpatch's spectral normalization off, keeping the normalized weights.
+
+    For each selected patched layer, the effective weight (as the eval forward computes
+    it, without another power-iteration step) is written into the original ``Parameter``
+    object, which becomes the plain ``weight`` again; the parametrization and every hook
+    snpatch added are removed and the layer gets its original class back. The model's
+    ``state_dict`` keys are then those of the never-patched model.
+
+    Args:
+        model: a model patched by :func:`snpatch.apply_spectral_norm`.
+        include: pattern(s) or a predicate over the patched layers; None means all.
+        exclude: pattern(s) or a predicate removing patched layers.
+
+    Returns:
+        The snapshot to give to :func:`restore_spectral_norm`. Empty (and nothing
+        changed) when the model has no patched layer.
+
+    Raises:
+        NoMatchingLayersError: an include pattern matched no patched layer.
+
+    Example:
+        >>> import torch.nn as nn, snpatch
+        >>> net = snpatch.apply_spectral_norm(nn.Sequential(nn.Linear(4, 4)))
+        >>> snapshot = snpatch.remove_spectral_norm(net)
+        >>> snpatch.is_patched(net), sorted(net.state_dict())
+        (False, ['0.bias', '0.weight'])
+    """
+    module = check_model(model)
+    candidates = list(patched_layers(module).items())
+    if not candidates:
+        return SpectralNormSnapshot()
+    layers = select_from(
+        module,
+        candidates,
+        LayerFilter.parse(include, "include"),
+        LayerFilter.parse(exclude, "exclude"),
+        what="patched",
+    )
+    # Everything is computed before the first layer changes.
+    plans = []
+    records: dict[str, dict[str, dict[str, Any]]] = {}
+    for name, layer in layers:
+        weights = {}
+        for key, norm in spectral_norms(layer).items():
+            owner, tensor_name = _owner(layer, key)
+            original = parametrization_list(owner, tensor_name).original
+            weights[key] = {
+                "kind": norm.kind,
+                "config": norm.config(),
+                "buffers": {n: b.detach().clone() for n, b in norm.named_buffers()},
+                "original": original.detach().clone(),
+            }
+            plans.append((owner, tensor_name, original, norm.effective_weight(original)))
+        records[name] = weights
+    orders = {name: checkpoint_adapter(layer) for name, layer in layers}
+    with torch.no_grad():
+        for owner, tensor_name, original, effective in plans:
+            original.copy_(effective)
+            _unparametrize(owner, tensor_name)
+    for name, layer in layers:
+        adapter = orders[name]
+        if adapter is not None:
+            for path, order in adapter.tensor_order.items():
+                _reorder(layer.get_submodule(path) if path else layer, order)
+        uninstall_hooks(layer)
+    return SpectralNormSnapshot(records)
+
+
+def restore_spectral_norm(model: T_module, snapshot: SpectralNormSnapshot) -> T_module:
+    """Put back exactly the spectral normalization that :func:`remove_spectral_norm` took off.
+
+    The original (unnormalized) weight values go back into the same ``Parameter`` objects,
+    and the iteration state, target, mode and options are those of the snapshot, so
+    training after remove + restore is bit-for-bit that of a model never removed.
+    Anything that kept references to those parameters meanwhile (an ``ExportedProgram``,
+    a traced module) sees the unnormalized weights afterwards: export inside
+    :func:`exported` instead, which gives the export copies.
+
+    Args:
+        model: the model the snapshot was taken from (or one with the same layers).
+        snapshot: what :func:`remove_spectral_norm` returned (possibly via ``torch.load``).
+
+    Returns:
+        ``model`` itself.
+
+    Raises:
+        TypeError: ``snapshot`` is not a :class:`SpectralNormSnapshot`.
+        SnapshotMismatchError: a layer of the snapshot is missing from the model, or its
+            weights differ in name, shape or dtype. Nothing is changed then.
+        AlreadyPatchedError: a layer of the snapshot is patched again already.
+    """
+    module = check_model(model)
+    if not isinstance(snapshot, SpectralNormSnapshot):
+        raise InvalidArgumentTypeError(
+            "snapshot must be the SpectralNormSnapshot that remove_spectral_norm returned, "
+            f"got {type(snapshot).__name__}"
+        )
+    if snapshot.format != _FORMAT:
+        raise SnapshotMismatchError(
+            f"snapshot format {snapshot.format!r} is not supported (this snpatch: {_FORMAT})"
+        )
+    # Every layer is checked, and its parametrizations built, before the first one changes.
+    plans = [_plan_restore(module, name, weights) for name, weights in snapshot.layers.items()]
+    for layer, targets in plans:
+        with torch.no_grad():
+            for _, _, parameter, original, _ in targets:
+                parameter.copy_(original)
+        install(
+            layer,
+            [(path, tensor_name) for path, tensor_name, _, _, _ in targets],
+            [norm for _, _, _, _, norm in targets],
+        )
+        for _, _, _, _, norm in targets:
+            norm.train(layer.training)
+    return model
+
+
+@contextmanager
+def exported(
+    model: T_module,
+    include: Pattern | None = None,
+    exclude: Pattern | None = None,
+) -> Iterator[T_module]:
+    """Remove spectral normalization inside a ``with`` block and restore it on exit.
+
+    Restores also when the block raises. Inside, the model is a plain model with the
+    normalized weights baked in: export it with ``torch.export``, ONNX or TorchScript, or
+    ``torch.save`` it whole. The baked weights inside the block are copies, so an
+    ``ExportedProgram`` or a traced module made there (both keep references to the
+    model's parameters) stays correct after the block, when the model is patched again.
+
+    Example:
+        >>> import torch, torch.nn as nn, snpatch
+        >>> net = snpatch.apply_spectral_norm(nn.Sequential(nn.Linear(4, 4))).eval()
+        >>> with snpatch.exported(net):
+        ...     program = torch.export.export(net, (torch.randn(1, 4),))
+        >>> snpatch.is_patched(net)
+        True
+    """
+    snapshot = remove_spectral_norm(model, include, exclude)
+    # torch.export, torch.jit and torch.save inside the block keep references to the
+    # model's Parameter objects, which restore turns back into unnormalized weights: the
+    # block sees copies, so what it produced stays correct after exit.
+    originals = _swap_in_copies(model, snapshot)
+    try:
+        yield model
+    finally:
+        for owner, tensor_name, parameter in originals:
+            owner._parameters[tensor_name] = parameter
+        restore_spectral_norm(model, snapshot)
+
+
+def _swap_in_copies(
+    model: nn.Module, snapshot: SpectralNormSnapshot
+) -> list[tuple[nn.Module, str, nn.Parameter]]:
+    swapped = []
+    for name, weights in snapshot.layers.items():
+        layer = model.get_submodule(name)
+        for key in weights:
+            owner, tensor_name = _owner(layer, key)
+            parameter = owner._parameters.get(tensor_name)
+            if isinstance(parameter, nn.Parameter):
+                copy = nn.Parameter(parameter.detach().clone(), parameter.requires_grad)
+                owner._parameters[tensor_name] = copy
+                swapped.append((owner, tensor_name, parameter))
+    return swapped
+
+
+def plain_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The ``state_dict`` of the unpatched architecture, with the normalized weights.
+
+    Doesn't change the model. The result loads with ``strict=True`` into the model built
+    without snpatch, e.g. to publish a checkpoint for ``resnet18().load_state_dict``.
+
+    Example:
+        >>> import torch.nn as nn, snpatch
+        >>> net = snpatch.apply_spectral_norm(nn.Sequential(nn.Linear(4, 4)))
+        >>> nn.Sequential(nn.Linear(4, 4)).load_state_dict(snpatch.plain_state_dict(net))
+        <All keys matched successfully>
+    """
+    module = check_model(model)
+    # "<owner>.parametrizations.<tensor>." -> (owner prefix, tensor, order before patching,
+    # effective weight)
+    replace: dict[str, tuple[str, str, tuple[str, ...], Tensor]] = {}
+    for name, layer in patched_layers(module).items():
+        adapter = checkpoint_adapter(layer)
+        for key, norm in spectral_norms(layer).items():
+            owner, tensor_name = _owner(layer, key)
+            original = parametrization_list(owner, tensor_name).original
+            path, _, _ = key.rpartition(".")
+            base = ".".join(p for p in (name, path) if p)
+            base = f"{base}." if base else ""
+            order = adapter.tensor_order.get(path, ()) if adapter is not None else ()
+            replace[f"{base}parametrizations.{tensor_name}."] = (
+                base,
+                tensor_name,
+                order,
+                norm.effective_weight(original),
+            )
+    items: list[tuple[str, Tensor]] = []
+    for key, value in module.state_dict().items():
+        patched, rest = _split_patched_key(key)
+        if patched not in replace:
+            items.append((key, value))
+        elif rest == "original":
+            base, tensor_name, order, effective = replace[patched]
+            items.insert(
+                _plain_position(items, base, tensor_name, order), (base + tensor_name, effective)
+            )
+    return dict(items)
+
+
+def _plain_position(
+    items: list[tuple[str, Tensor]], base: str, tensor_name: str, order: tuple[str, ...]
+) -> int:
+    """Where ``base + tensor_name`` stands among the owner's own keys before patching.
+
+    An owner's own parameters and buffers come first in its part of a ``state_dict``, and
+    its ``parametrizations`` child last, so the plain key goes before the first own key
+    that followed it before patching, or else after the owner's last own key.
+    """
+    rank = {name: i for i, name in enumerate(order)}
+    mine = rank.get(tensor_name, len(rank))
+    last_own = None
+    for index, (key, _) in enumerate(items):
+        if key.startswith(base) and key[len(base) :] in rank:
+            if rank[key[len(base) :]] > mine:
+                return index
+            last_own = index
+    return len(items) if last_own is None else last_own + 1
+
+
+def _split_patched_key(key: str) -> tuple[str, str]:
+    """``"a.parametrizations.weight.0._u"`` -> ``("a.parametrizations.weight.", "0._u")``."""
+    head, marker, tail = key.partition("parametrizations.")
+    if not marker or (head and not head.endswith(".")):
+        return "", key
+    tensor_name, _, rest = tail.partition(".")
+    return f"{head}parametrizations.{tensor_name}.", rest
+
+
+def _owner(layer: nn.Module, key: str) -> tuple[nn.Module, str]:
+    path, _, tensor_name = key.rpartition(".")
+    return (layer.get_submodule(path) if path else layer), tensor_name
+
+
+def _unparametrize(owner: nn.Module, tensor_name: str) -> None:
+    """Remove the parametrization of ``owner.<tensor_name>``, keeping ``original`` as is.
+
+    Unlike ``torch.nn.utils.parametrize.remove_parametrizations``, this never edits the
+    parametrized class, which ``copy.deepcopy`` shares between a module and its copies:
+    the module gets the original class back, or a fresh copy of its parametrized class
+    without this tensor when other tensors stay parametrized.
+    """
+    parametrizations = owner.parametrizations
+    assert isinstance(parametrizations, nn.ModuleDict)
+    original = parametrization_list(owner, tensor_name).original
+    cls = type(owner)
+    if len(parametrizations) > 1:
+        namespace = {
+            k: v for k, v in vars(cls).items() if k not in (tensor_name, "__dict__", "__weakref__")
+        }
+        owner.__class__ = type(cls.__name__, cls.__bases__, namespace)
+        del parametrizations[tensor_name]
+    else:
+        owner.__class__ = cls.__bases__[0]
+        del owner._modules["parametrizations"]
+    if isinstance(original, nn.Parameter):
+        owner.register_parameter(tensor_name, original)
+    else:
+        owner.register_buffer(tensor_name, original)
+
+
+def _reorder(owner: nn.Module, order: tuple[str, ...]) -> None:
+    """Put ``owner``'s parameters and buffers back in their order before patching."""
+    rank = {name: i for i, name in enumerate(order)}
+
+    def key(name: str) -> int:
+        return rank.get(name, len(rank))
+
+    parameters = sorted(owner._parameters.items(), key=lambda item: key(item[0]))
+    owner._parameters.clear()
+    owner._parameters.update(parameters)
+    buffers = sorted(owner._buffers.items(), key=lambda item: key(item[0]))
+    owner._buffers.clear()
+    owner._buffers.update(buffers)
+
+
+def _find_layer(model: nn.Module, name: str) -> nn.Module:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        raise SnapshotMismatchError(
+            f"the snapshot has layer {name!r}, which the model doesn't have"
+        ) from None
+
+
+def _plan_restore(
+    model: nn.Module, name: str, weights: Mapping[str, Mapping[str, Any]]
+) -> tuple[nn.Module, list[tuple[str, str, Tensor, Tensor, SpectralNorm]]]:
+    """Check one layer of a snapshot against the model and build its parametrizations."""
+    layer = _find_layer(model, name)
+    label = (
+        f"layer {name!r} ({type(layer).__name__})"
+        if name
+        else f"the model ({type(layer).__name__})"
+    )
+    if spectral_norms(layer):
+        raise AlreadyPatchedError(f"{label} has spectral normalization already; nothing restored")
+    expected = {
+        f"{t.path}.{t.tensor_name}" if t.path else t.tensor_name for t in layer_targets(layer)
+    }
+    if set(weights) != expected:
+        raise SnapshotMismatchError(
+            f"the snapshot has weights {sorted(weights)} for {label}, which has {sorted(expected)}"
+        )
+    plan = []
+    for key, record in weights.items():
+        owner, tensor_name = _owner(layer, key)
+        parameter = owner._parameters.get(tensor_name, owner._buffers.get(tensor_name))
+        original = record["original"]
+        if parametrize.is_parametrized(owner, tensor_name) or not isinstance(parameter, Tensor):
+            raise SnapshotMismatchError(
+                f"{label} has no plain tensor {key!r} to restore into "
+                f"(found {type(getattr(owner, tensor_name, None)).__name__})"
+            )
+        if parameter.shape != original.shape or parameter.dtype != original.dtype:
+            raise SnapshotMismatchError(
+                f"{label}: {key!r} is {parameter.dtype} {tuple(parameter.shape)} in the model "
+                f"but {original.dtype} {tuple(original.shape)} in the snapshot"
+            )
+        kind = NORM_KINDS.get(record["kind"])
+        if kind is None:
+            raise SnapshotMismatchError(
+                f"{label}: unknown normalization kind {record['kind']!r} in the snapshot"
+            )
+        buffers = {n: b.to(parameter.device, copy=True) for n, b in record["buffers"].items()}
+        norm = kind.from_config(record["config"], buffers)
+        path, _, _ = key.rpartition(".")
+        plan.append((path, tensor_name, parameter, original, norm))
+    return layer, plan
