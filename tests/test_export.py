@@ -320,8 +320,11 @@ def _built_net() -> nn.Module:
 def test_plain_checkpoint_loads_into_patched_model_with_full_accuracy() -> None:
     source = _built_net()
     checkpoint = source.state_dict()
-    model = snpatch.apply_spectral_norm(_built_net(), lipschitz=1.5)
+    patched = snpatch.apply_spectral_norm(_built_net(), lipschitz=1.5)
+    untouched = copy.deepcopy(patched.state_dict())
+    model = copy.deepcopy(patched)  # the hooks of a deepcopy act on the copy
     model.load_state_dict(checkpoint, strict=True)
+    assert all(torch.equal(v, untouched[k]) for k, v in patched.state_dict().items())
     for name, layer in snpatch.patched_layers(model).items():
         original = layer.parametrizations.weight.original
         assert torch.equal(original, checkpoint[f"{name}.weight"])
