@@ -1,0 +1,43 @@
+"""The examples, run as a user runs them (with --quick), each checking its own results."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def _run(script: str, *args: str) -> str:
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_sngan_mixture_quick_prints_every_configuration(tmp_path: Path) -> None:
+    out = _run("sngan_mixture.py", "--quick", "--plot", str(tmp_path / "samples.png"))
+    rows = [line for line in out.splitlines() if re.match(r"\| (ring|grid) \|", line)]
+    assert len(rows) == 8  # 2 datasets x 2 settings x with/without SN
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        covered, total = cells[3].split("/")
+        assert 0 <= float(covered) <= int(total) in (8, 25)
+        assert 0 <= float(cells[4].rstrip("%")) <= 100
+    assert sum(line.startswith("| SN ") for line in out.splitlines()) == 4
+    assert (tmp_path / "samples.png").stat().st_size > 10_000
+
+
+def test_patch_pretrained_quick_exports_and_writes_a_plain_checkpoint(tmp_path: Path) -> None:
+    out = _run("patch_pretrained.py", "--quick", "--out", str(tmp_path))
+    assert "patched 20 layers" in out
+    assert re.search(r"torch.export: max \|diff\| vs patched model \d", out)
+    assert "ONNX (onnxruntime)" in out
+    assert (tmp_path / "resnet18.onnx").stat().st_size > 1_000_000
+    assert (tmp_path / "resnet18-sn-plain.pth").exists()
