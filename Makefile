@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.installed
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check $(TORCH_PINS)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test,dev]' $(TORCH_PINS)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test,dev,examples]' $(TORCH_PINS)
 	touch $(STAMP)
 
 demo: $(STAMP)
