@@ -12,6 +12,7 @@ from .errors import (
     SnpatchError,
     SnpatchWarning,
     UnsupportedLayerError,
+    WrappedModelError,
 )
 from .parametrization import SpectralNorm
 from .patch import (
@@ -21,6 +22,7 @@ from .patch import (
     patched_layers,
     set_lipschitz,
     spectral_norms,
+    update_sigma,
 )
 from .select import DEFAULT_LAYER_TYPES, select_layers
 
@@ -37,6 +39,7 @@ __all__ = [
     "SpectralNorm",
     "SpectralNormConfig",
     "UnsupportedLayerError",
+    "WrappedModelError",
     "__version__",
     "apply_spectral_norm",
     "is_patched",
@@ -44,4 +47,5 @@ __all__ = [
     "select_layers",
     "set_lipschitz",
     "spectral_norms",
+    "update_sigma",
 ]

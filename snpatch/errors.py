@@ -15,6 +15,7 @@ __all__ = [
     "SnpatchError",
     "SnpatchWarning",
     "UnsupportedLayerError",
+    "WrappedModelError",
 ]
 
 
@@ -43,6 +44,10 @@ class UnsupportedLayerError(SnpatchError, TypeError):
 
     For example: a lazy layer, a weight that is not 2-D or more, another parametrization.
     """
+
+
+class WrappedModelError(SnpatchError, RuntimeError):
+    """The model is already wrapped in ``DistributedDataParallel``; patch it before wrapping."""
 
 
 class SnpatchWarning(UserWarning):
