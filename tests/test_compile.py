@@ -83,13 +83,31 @@ def test_inductor_fullgraph_trains_like_eager_and_compiles_once() -> None:
     assert not torch._dynamo.utils.counters["graph_break"]
 
 
-@pytest.mark.parametrize("use_reentrant", [False, True])
-def test_compiled_checkpointed_blocks_train_like_eager_without_checkpointing(
-    use_reentrant: bool,
-) -> None:
-    model = snpatch.apply_spectral_norm(Checkpointed(use_reentrant))
+def _checkpointed_side_by_side() -> tuple[nn.Module, nn.Module, nn.Module, torch.Tensor]:
+    model = snpatch.apply_spectral_norm(Checkpointed(use_reentrant=False))
     plain = copy.deepcopy(model)
     plain.use_reentrant = None
-    compiled = torch.compile(model, backend="aot_eager")
-    # Compiled and eager round differently; three steps at lr 0.5 amplify that to ~1e-5.
-    _train_side_by_side(compiled, model, plain, torch.randn(4, 6, requires_grad=True), atol=2e-5)
+    return torch.compile(model, backend="aot_eager"), model, plain, torch.randn(4, 6)
+
+
+def test_compiled_checkpointed_blocks_first_step_is_exact() -> None:
+    # From the converged state of patch time, one compiled step with checkpointed blocks
+    # gives eager's gradients and advances the iteration once.
+    compiled, model, plain, x = _checkpointed_side_by_side()
+    for net in (compiled, plain):
+        net(x).square().mean().backward()
+    for param, expected in zip(model.parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(param.grad, expected.grad, rtol=1e-5, atol=1e-7)
+    _assert_same_iteration_state(model, plain)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="torch 2.14 AOTAutograd recomputes the checkpointed region's reads of the buffers "
+    "after the forward has updated them (pytorch/pytorch PR 197039, open), so the recomputed "
+    "sigma is one power step further on: gradients off by up to 4e-3 relative (inductor, "
+    "lr 0.5, 4 steps). See the README's 'Distributed and compiled training'.",
+)
+def test_compiled_checkpointed_blocks_later_steps_match_eager() -> None:
+    compiled, model, plain, x = _checkpointed_side_by_side()
+    _train_side_by_side(compiled, model, plain, x, atol=1e-6)

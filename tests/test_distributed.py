@@ -164,22 +164,17 @@ def test_ddp_patching_after_wrapping_is_refused_and_changes_nothing(plain: list[
         assert torch.equal(plain[0]["patch_after_wrap"][key], plain[1]["patch_after_wrap"][key])
 
 
-def test_compiled_ddp_matches_one_process_without_recompiling(
-    tmp_path: Path,
-) -> None:
-    # aot_eager: dynamo and AOT autograd (the parts that see the hook, the buffer updates and
-    # the custom autograd function) without inductor's C++ compilation, which
-    # tests/test_compile.py covers in one process.
-    ranks = _launch(tmp_path, ["compiled_aot_eager", "compiled_aot_eager_inner"], timeout=120)
-    for scenario in ("compiled_aot_eager", "compiled_aot_eager_inner"):
-        states = [rank[scenario] for rank in ranks]
-        counts = {k: states[0].pop(k) for k in ("graphs_after_one_step", "graphs", "graph_breaks")}
-        for k in counts:
-            del states[1][k]
-        # No graph is compiled after the first step.
-        assert counts["graphs"] == counts["graphs_after_one_step"], scenario
-        if scenario.endswith("_inner"):
-            # DDP(torch.compile(model, fullgraph=True)): one graph, no break.
-            assert int(counts["graphs"]) == 1
-            assert int(counts["graph_breaks"]) == 0
-        _assert_ranks_identical_and_equal_to_reference(states)
+def test_compiled_ddp_matches_one_process_without_recompiling(tmp_path: Path) -> None:
+    # torch.compile(DDP(model)). aot_eager: dynamo and AOT autograd (the parts that see the
+    # hook, the buffer updates and the custom autograd function) without inductor's C++
+    # compilation, which tests/test_compile.py covers in one process.
+    (rank0, rank1) = _launch(tmp_path, ["compiled_aot_eager"], timeout=120)
+    states = [rank0["compiled_aot_eager"], rank1["compiled_aot_eager"]]
+    counts = {k: states[0].pop(k) for k in ("graphs_after_one_step", "graphs", "graph_breaks")}
+    for key in counts:
+        del states[1][key]
+    # No graph is compiled after the first step.
+    assert int(counts["graphs"]) == int(counts["graphs_after_one_step"]) > 0
+    # DDP's own graph breaks (its logger and _inside_ddp_forward): 3, also without snpatch.
+    assert int(counts["graph_breaks"]) <= 3
+    _assert_ranks_identical_and_equal_to_reference(states)
