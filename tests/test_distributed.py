@@ -84,18 +84,20 @@ def _message(encoded: torch.Tensor) -> str:
     return bytes(encoded.tolist()).decode()
 
 
-PLAIN = [
+SCENARIOS = [
     "default",
     "broadcast_buffers_false",
     "broadcast_buffers_false_seed_per_rank",
     "forward_sync_buffers_false",
     "patch_after_wrap",
+    "compiled_aot_eager",
 ]
 
 
 @pytest.fixture(scope="module")
-def plain(tmp_path_factory: pytest.TempPathFactory) -> list[Results]:
-    return _launch(tmp_path_factory.mktemp("ddp"), PLAIN, timeout=60)
+def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[Results]:
+    # One launch for every scenario: starting two processes costs more than most scenarios.
+    return _launch(tmp_path_factory.mktemp("ddp"), SCENARIOS, timeout=90)
 
 
 def _assert_ranks_identical_and_equal_to_reference(ranks: list[dict[str, torch.Tensor]]) -> None:
@@ -131,26 +133,26 @@ def _seeded_model() -> nn.Module:
     ],
 )
 def test_ddp_state_is_identical_across_ranks_and_matches_one_process(
-    plain: list[Results], scenario: str
+    ranks: list[Results], scenario: str
 ) -> None:
-    _assert_ranks_identical_and_equal_to_reference([rank[scenario] for rank in plain])
+    _assert_ranks_identical_and_equal_to_reference([rank[scenario] for rank in ranks])
 
 
 def test_ddp_broadcast_buffers_false_needs_identically_patched_ranks(
-    plain: list[Results],
+    ranks: list[Results],
 ) -> None:
     # With broadcast_buffers=False torch does not even broadcast buffers at wrapping: ranks
     # that patched different weights keep different iteration states, although DDP keeps
     # their parameters identical. This is why the README asks for the default.
-    ranks = [rank["broadcast_buffers_false_seed_per_rank"] for rank in plain]
+    ranks = [rank["broadcast_buffers_false_seed_per_rank"] for rank in ranks]
     params = [k for k in ranks[0] if k.startswith("param:")]
     assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in params)
     vectors = [k for k in ranks[0] if k.endswith(("._u", "._v"))]
     assert not all(torch.equal(ranks[0][k], ranks[1][k]) for k in vectors)
 
 
-def test_ddp_patching_after_wrapping_is_refused_and_changes_nothing(plain: list[Results]) -> None:
-    for rank in plain:
+def test_ddp_patching_after_wrapping_is_refused_and_changes_nothing(ranks: list[Results]) -> None:
+    for rank in ranks:
         found = rank["patch_after_wrap"]
         for key in ("error:ddp.module", "error:ddp"):
             message = _message(found[key])
@@ -158,18 +160,17 @@ def test_ddp_patching_after_wrapping_is_refused_and_changes_nothing(plain: list[
             assert "before DistributedDataParallel(model)" in message
         assert not bool(found["patched"])
     # The refused model still trains normally under DDP.
-    params = [k for k in plain[0]["patch_after_wrap"] if k.startswith("param:")]
+    params = [k for k in ranks[0]["patch_after_wrap"] if k.startswith("param:")]
     assert params
     for key in params:
-        assert torch.equal(plain[0]["patch_after_wrap"][key], plain[1]["patch_after_wrap"][key])
+        assert torch.equal(ranks[0]["patch_after_wrap"][key], ranks[1]["patch_after_wrap"][key])
 
 
-def test_compiled_ddp_matches_one_process_without_recompiling(tmp_path: Path) -> None:
+def test_compiled_ddp_matches_one_process_without_recompiling(ranks: list[Results]) -> None:
     # torch.compile(DDP(model)). aot_eager: dynamo and AOT autograd (the parts that see the
     # hook, the buffer updates and the custom autograd function) without inductor's C++
     # compilation, which tests/test_compile.py covers in one process.
-    (rank0, rank1) = _launch(tmp_path, ["compiled_aot_eager"], timeout=120)
-    states = [rank0["compiled_aot_eager"], rank1["compiled_aot_eager"]]
+    states = [rank["compiled_aot_eager"] for rank in ranks]
     counts = {k: states[0].pop(k) for k in ("graphs_after_one_step", "graphs", "graph_breaks")}
     for key in counts:
         del states[1][key]
