@@ -14,6 +14,7 @@ from .errors import (
     SnpatchError,
     SnpatchWarning,
     UnsupportedLayerError,
+    WrappedModelError,
 )
 from .export import (
     SpectralNormSnapshot,
@@ -30,6 +31,7 @@ from .patch import (
     patched_layers,
     set_lipschitz,
     spectral_norms,
+    update_sigma,
 )
 from .select import DEFAULT_LAYER_TYPES, select_layers
 
@@ -49,6 +51,7 @@ __all__ = [
     "SpectralNormConfig",
     "SpectralNormSnapshot",
     "UnsupportedLayerError",
+    "WrappedModelError",
     "__version__",
     "apply_spectral_norm",
     "exported",
@@ -60,4 +63,5 @@ __all__ = [
     "select_layers",
     "set_lipschitz",
     "spectral_norms",
+    "update_sigma",
 ]

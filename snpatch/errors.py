@@ -17,6 +17,7 @@ __all__ = [
     "SnpatchError",
     "SnpatchWarning",
     "UnsupportedLayerError",
+    "WrappedModelError",
 ]
 
 
@@ -53,6 +54,10 @@ class SnapshotMismatchError(SnpatchError, ValueError):
 
 class SerializationError(SnpatchError, RuntimeError):
     """A patched model was pickled or scripted whole; the message says what works instead."""
+
+
+class WrappedModelError(SnpatchError, RuntimeError):
+    """The model is already wrapped in ``DistributedDataParallel``; patch it before wrapping."""
 
 
 class SnpatchWarning(UserWarning):

@@ -22,7 +22,14 @@ from torch import Tensor, nn
 
 from .errors import SerializationError
 
-__all__ = ["BLOCK_SIZE", "Mode", "SpectralNorm", "weight_to_matrix"]
+__all__ = [
+    "BLOCK_SIZE",
+    "Mode",
+    "SpectralNorm",
+    "in_backward_pass",
+    "in_functorch_transform",
+    "weight_to_matrix",
+]
 
 Mode = Literal["hard", "soft"]
 
@@ -42,6 +49,30 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 def _state_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype of the iteration state: float32, or float64 for float64 weights."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def in_functorch_transform() -> bool:
+    """True inside a ``torch.func`` transform (``grad``, ``vmap``, ``jacrev``, ...).
+
+    Those transforms forbid mutating buffers captured from outside, so there a training
+    forward leaves the iteration state alone and divides by ``u^T W v`` for the weight it
+    is given, as eval does.
+    """
+    if torch.compiler.is_compiling():
+        return False
+    return bool(torch._C._are_functorch_transforms_active())
+
+
+def in_backward_pass() -> bool:
+    """True while the autograd engine runs a backward pass.
+
+    A forward there is a recomputation by activation checkpointing
+    (``torch.utils.checkpoint``, reentrant or not): it must reproduce the original forward,
+    so the iteration must not advance a second time.
+    """
+    if torch.compiler.is_compiling():
+        return False
+    return bool(torch._C._current_graph_task_id() != -1)
 
 
 def weight_to_matrix(weight: Tensor, dim: int) -> Tensor:
@@ -88,13 +119,20 @@ class _Sigma(torch.autograd.Function):
     itself differentiable (used on the double-backward path of :class:`_Normalize`).
     """
 
+    # torch.func (grad, vmap) needs setup_context separate from forward, and a vmap rule.
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx: Any, weight: Tensor, u: Tensor, v: Tensor, sigma: Tensor, dim: int) -> Tensor:
+    def forward(weight: Tensor, u: Tensor, v: Tensor, sigma: Tensor, dim: int) -> Tensor:
+        return sigma.clone()
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        weight, u, v, _, dim = inputs
         ctx.save_for_backward(u, v)
         ctx.dim = dim
         ctx.shape = weight.shape
         ctx.dtype = weight.dtype
-        return sigma.clone()
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
@@ -115,9 +153,11 @@ class _Normalize(torch.autograd.Function):
     backward (gradient penalties) is exact.
     """
 
+    # torch.func (grad, vmap) needs setup_context separate from forward, and a vmap rule.
+    generate_vmap_rule = True
+
     @staticmethod
     def forward(
-        ctx: Any,
         weight: Tensor,
         u: Tensor,
         v: Tensor,
@@ -127,9 +167,13 @@ class _Normalize(torch.autograd.Function):
         eps: float,
         dim: int,
     ) -> Tensor:
+        return _scaled(weight, _scale(sigma, lipschitz, soft, eps))
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        weight, u, v, sigma, lipschitz, soft, eps, dim = inputs
         ctx.save_for_backward(weight, u, v, sigma)
         ctx.options = (lipschitz, soft, eps, dim)
-        return _scaled(weight, _scale(sigma, lipschitz, soft, eps))
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
@@ -403,9 +447,12 @@ class SpectralNorm(nn.Module):
             return torch.vdot(self._u, self._matrix(weight) @ self._v)
 
     def forward(self, weight: Tensor) -> Tensor:
-        # In training the pre-hook has just run the iteration for this weight; in eval the
-        # estimate is recomputed for the current weight, as torch does.
-        sigma = self._sigma if self.training else self.sigma(weight)
+        # In training the pre-hook has just run the iteration for this weight; in eval (and
+        # under torch.func, where the hook cannot update the state) the estimate is
+        # recomputed for the current weight, as torch does.
+        sigma = (
+            self._sigma if self.training and not in_functorch_transform() else self.sigma(weight)
+        )
         # Cloned: a second forward before backward (D(real), D(fake)) updates the buffers
         # in place, and autograd must see the values this forward used.
         return _Normalize.apply(  # type: ignore[no-any-return]

@@ -21,6 +21,7 @@ from torch.nn.utils import parametrizations as torch_parametrizations
 from torch.nn.utils import parametrize
 from torch.nn.utils.spectral_norm import SpectralNorm as _LegacySpectralNorm
 
+from .distributed import check_not_wrapped
 from .errors import (
     AlreadyPatchedError,
     InvalidArgumentError,
@@ -28,7 +29,7 @@ from .errors import (
     SerializationError,
     UnsupportedLayerError,
 )
-from .parametrization import Mode, SpectralNorm
+from .parametrization import Mode, SpectralNorm, in_backward_pass, in_functorch_transform
 from .select import LayerFilter, Pattern, check_model, resolve_selection, select_from
 
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
     "patched_layers",
     "set_lipschitz",
     "spectral_norms",
+    "update_sigma",
 ]
 
 T_module = TypeVar("T_module", bound=nn.Module)
@@ -124,7 +126,10 @@ class PowerIterationHook:
         self.targets = tuple(targets)
 
     def __call__(self, module: nn.Module, args: tuple[object, ...]) -> None:
-        if not module.training:
+        # Advance once per training forward: not again when activation checkpointing
+        # recomputes the forward during backward, and not under torch.func transforms,
+        # which forbid the in-place update (see in_backward_pass, in_functorch_transform).
+        if not module.training or in_backward_pass() or in_functorch_transform():
             return
         for _, norm, original in self.norms(module):
             norm.power_step(original)
@@ -270,6 +275,7 @@ def apply_spectral_norm(
         NoMatchingLayersError: an include pattern matched nothing, or nothing is selected.
         AlreadyPatchedError: a selected layer already has spectral normalization.
         UnsupportedLayerError: a selected layer is lazy or has no usable weight.
+        WrappedModelError: the model is already wrapped in ``DistributedDataParallel``.
 
     On any error the model is left exactly as it was.
 
@@ -282,6 +288,7 @@ def apply_spectral_norm(
     """
     config = SpectralNormConfig(lipschitz, mode, n_power_iterations, eps)
     layers = resolve_selection(model, include, exclude, layer_types)
+    check_not_wrapped(layers)
     plans = []
     for name, layer in layers:
         targets = layer_targets(layer)
@@ -510,4 +517,53 @@ def set_lipschitz(
     for _, layer in layers:
         for norm in spectral_norms(layer).values():
             norm.lipschitz = value
+    return model
+
+
+def update_sigma(model: T_module, steps: int | None = None) -> T_module:
+    """Bring the sigma estimate of every patched layer up to date with its current weights.
+
+    The power iteration normally advances in each training forward. Call this where the
+    weights change without one: after ``AveragedModel.update_parameters`` (EMA, SWA), whose
+    copy of the iteration state is otherwise stale (or, with ``use_buffers=True``, averaged
+    into non-unit vectors); after editing weights in place; before computing per-sample
+    gradients with ``torch.func``, where a training forward cannot update the state.
+
+    Args:
+        model: a model (or a module containing layers) patched by :func:`apply_spectral_norm`.
+        steps: None re-estimates exactly, as :func:`apply_spectral_norm` does (an
+            eigendecomposition per weight); an int >= 1 advances the iteration as that many
+            training forwards would (cheap; enough when the weights moved a little).
+
+    Returns:
+        ``model`` itself.
+
+    Raises:
+        TypeError: ``model`` is not a module, or ``steps`` is not an int.
+        ValueError: ``steps`` < 1.
+        NoMatchingLayersError: the model has no patched layer.
+
+    Example:
+        >>> import torch, torch.nn as nn, snpatch
+        >>> net = snpatch.apply_spectral_norm(nn.Sequential(nn.Linear(4, 4)))
+        >>> ema = torch.optim.swa_utils.AveragedModel(net)
+        >>> ema = snpatch.update_sigma(ema)
+    """
+    module = check_model(model)
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, numbers.Integral)):
+        raise InvalidArgumentTypeError(
+            f"steps must be an int or None, got {type(steps).__name__}: {steps!r}"
+        )
+    if steps is not None and steps < 1:
+        raise InvalidArgumentError(f"steps must be >= 1 (or None for exact), got {steps}")
+    layers = select_from(module, list(patched_layers(module).items()), None, None, what="patched")
+    for _, layer in layers:
+        hook = _hook(layer)
+        assert hook is not None
+        for _, norm, original in hook.norms(layer):
+            if steps is None:
+                norm.converge(original)
+            else:
+                for _ in range(steps):
+                    norm.power_step(original)
     return model

@@ -189,3 +189,35 @@ def test_errors_subclass_the_builtins_they_mean() -> None:
     assert issubclass(UnsupportedLayerError, TypeError)
     for error in (NoMatchingLayersError, AlreadyPatchedError, UnsupportedLayerError):
         assert issubclass(error, SnpatchError)
+
+
+@pytest.mark.parametrize(
+    ("steps", "error", "match"),
+    [
+        (0, ValueError, "steps must be >= 1.*got 0"),
+        (-3, ValueError, "got -3"),
+        (1.5, TypeError, "steps must be an int or None, got float: 1.5"),
+        (True, TypeError, "got bool: True"),
+    ],
+)
+def test_update_sigma_bad_steps(steps: Any, error: type[Exception], match: str) -> None:
+    model = snpatch.apply_spectral_norm(_model())
+    with torch.no_grad():
+        model[0].parametrizations.weight.original.mul_(2)  # the state is now out of date
+    before = {k: v.clone() for k, v in model.named_buffers()}
+    with pytest.raises(error, match=match) as raised:
+        snpatch.update_sigma(model, steps=steps)
+    assert isinstance(raised.value, SnpatchError)
+    assert all(torch.equal(v, before[k]) for k, v in model.named_buffers())
+
+
+def test_update_sigma_needs_a_patched_model() -> None:
+    with pytest.raises(NoMatchingLayersError, match=r"the model \(Sequential\) has no patched"):
+        snpatch.update_sigma(_model())
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module, got str"):
+        snpatch.update_sigma("model")  # type: ignore[type-var]
+
+
+def test_wrapped_model_error_is_a_runtime_error() -> None:
+    assert issubclass(snpatch.WrappedModelError, RuntimeError)
+    assert issubclass(snpatch.WrappedModelError, SnpatchError)
