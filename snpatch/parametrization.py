@@ -146,6 +146,17 @@ class _Normalize(torch.autograd.Function):
             active = active & (sigma > lipschitz)
         inner = torch.vdot(grad.flatten().to(sigma.dtype), weight.flatten().to(sigma.dtype))
         coefficient = torch.where(active, -scale / sigma.clamp_min(eps) * inner, 0.0)
+        if (
+            dim == 0
+            and grad.device.type == "cpu"
+            and grad.dtype == sigma.dtype
+            and grad.is_contiguous()
+        ):
+            # One pass over the weight: g * scale + coefficient * u v^T (reading the CPU
+            # scalar costs no device synchronization).
+            matrix = grad.view(grad.shape[0], -1)
+            fused = torch.addr(matrix, u * coefficient, v, beta=float(scale))
+            return fused.view(grad.shape), None, None, None, None, None, None, None
         grad_weight = _scaled(grad, scale)
         u_scaled = (u * coefficient).to(grad_weight.dtype)
         if dim == 0 and grad_weight.is_contiguous():
@@ -244,6 +255,8 @@ class SpectralNorm(nn.Module):
     Each step reads the weight twice, as torch's power iteration does, but a block of
     vectors keeps tracking the top singular value where one vector falls behind.
 
+    In eval mode the normalized weight is cached (see :meth:`forward`).
+
     Args:
         weight: the weight to be normalized (used for shapes and the initial estimate).
         dim: the dimension that becomes the rows of the matrix (1 for transposed convs).
@@ -258,6 +271,9 @@ class SpectralNorm(nn.Module):
     _v: Tensor
     _block: Tensor
     _sigma: Tensor
+
+    #: Serve the eval-mode weight from a cache (see :meth:`forward`); False recomputes it.
+    eval_cache: bool = True
 
     def __init__(
         self,
@@ -287,6 +303,7 @@ class SpectralNorm(nn.Module):
             block = _orthonormal(cols, k, matrix).mT.contiguous()
             self.register_buffer("_block", block, persistent=False)
             self.register_buffer("_sigma", matrix.new_zeros(()), persistent=False)
+        self._cache: tuple[tuple[object, ...], Tensor] | None = None
         self.converge(weight)
 
     def _matrix(self, weight: Tensor) -> Tensor:
@@ -325,15 +342,20 @@ class SpectralNorm(nn.Module):
             basis = _lanczos_subspace(matrix, k, self._block[0].clone())
         self._block.copy_(basis.mT)
 
-    @torch.no_grad()
     def power_step(self, weight: Tensor) -> None:
         """Advance the iteration ``n_power_iterations`` steps for the current ``weight``."""
-        with torch.autocast(weight.device.type, enabled=False):
-            matrix = self._matrix(weight)
-            if self.n_power_iterations == 0:
-                self._sigma.copy_(torch.vdot(self._u, matrix @ self._v))
-            for _ in range(self.n_power_iterations):
-                self._step(matrix)
+        with torch.no_grad():
+            if torch.is_autocast_enabled(weight.device.type):
+                with torch.autocast(weight.device.type, enabled=False):
+                    self._advance(self._matrix(weight))
+            else:
+                self._advance(self._matrix(weight))
+
+    def _advance(self, matrix: Tensor) -> None:
+        if self.n_power_iterations == 0:
+            self._sigma.copy_(torch.vdot(self._u, matrix @ self._v))
+        for _ in range(self.n_power_iterations):
+            self._step(matrix)
 
     def _step(self, matrix: Tensor) -> None:
         block = self._block
@@ -351,9 +373,26 @@ class SpectralNorm(nn.Module):
             return torch.vdot(self._u, self._matrix(weight) @ self._v)
 
     def forward(self, weight: Tensor) -> Tensor:
-        # In training the pre-hook has just run the iteration for this weight; in eval the
-        # estimate is recomputed for the current weight, as torch does.
-        sigma = self._sigma if self.training else self.sigma(weight)
+        """``weight`` normalized; in training with the estimate the pre-hook just updated.
+
+        In eval mode the estimate is recomputed for the current weight, as torch does, and
+        the result is cached: while the weight (its identity, storage and version counter),
+        ``u``, ``v`` and the options stay the same, the cached tensor is served. It is never
+        served where the result must carry a graph (grad enabled and the weight requires
+        grad: e.g. gradients with respect to the weights in eval), nor while
+        ``torch.compile`` traces. In-place edits made through ``.data`` bypass PyTorch's
+        version counter: after one in eval mode call :meth:`clear_cache` (or set
+        ``eval_cache = False``). Switching to training drops the cache.
+        """
+        if self.training:
+            self._cache = None
+            sigma = self._sigma
+        elif not (weight.requires_grad and torch.is_grad_enabled()):
+            if self.eval_cache and not torch.compiler.is_compiling():
+                return self._cached(weight)
+            sigma = self.sigma(weight)
+        else:
+            sigma = self.sigma(weight)
         # Cloned: a second forward before backward (D(real), D(fake)) updates the buffers
         # in place, and autograd must see the values this forward used.
         return _Normalize.apply(  # type: ignore[no-any-return]
@@ -367,11 +406,58 @@ class SpectralNorm(nn.Module):
             self.dim,
         )
 
+    def _cached(self, weight: Tensor) -> Tensor:
+        """The eval-mode normalized weight, from the cache while it is valid."""
+        u, v = self._u, self._v
+        if weight.is_inference() or u.is_inference() or v.is_inference():
+            # Inference tensors have no version counter to validate a cache with.
+            return self._normalized(weight)
+        key = (
+            id(weight),
+            weight.data_ptr(),
+            weight._version,
+            u.data_ptr(),
+            u._version,
+            v.data_ptr(),
+            v._version,
+            self.lipschitz,
+            self.mode,
+            self.eps,
+        )
+        cache = self._cache
+        if cache is not None and cache[0] == key:
+            return cache[1]
+        # Built outside inference mode so that it can be served in any later mode.
+        with torch.inference_mode(False):
+            value = self._normalized(weight)
+        self._cache = (key, value)
+        return value
+
+    def _normalized(self, weight: Tensor) -> Tensor:
+        with torch.no_grad():
+            sigma = self.sigma(weight)
+            return _scaled(weight, _scale(sigma, self.lipschitz, self.mode == "soft", self.eps))
+
+    def clear_cache(self) -> None:
+        """Drop the cached eval-mode weight (needed only after an edit through ``.data``)."""
+        self._cache = None
+
+    def train(self, mode: bool = True) -> SpectralNorm:
+        # No full-size copy is kept alive while training.
+        self._cache = None
+        return super().train(mode)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(super().__getstate__())  # type: ignore[no-untyped-call]
+        state["_cache"] = None  # deepcopy / pickle: rebuilt on the next eval forward
+        return state
+
     def right_inverse(self, value: Tensor) -> Tensor:
         return value
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> SpectralNorm:
         super()._apply(fn, recurse)  # type: ignore[no-untyped-call]
+        self._cache = None
         # model.half() / model.to(torch.bfloat16) must not lower the iteration's precision.
         for name in ("_u", "_v", "_block", "_sigma"):
             buffer = self._buffers[name]
