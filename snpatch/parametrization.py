@@ -13,6 +13,7 @@ one vector per step falls behind).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -59,6 +60,14 @@ def _matrix_to_weight(matrix: Tensor, shape: torch.Size, dim: int) -> Tensor:
         return matrix.reshape(shape)
     moved = (shape[dim], *(s for i, s in enumerate(shape) if i != dim))
     return matrix.reshape(moved).movedim(0, dim)
+
+
+def _full_precision(weight: Tensor) -> contextlib.AbstractContextManager[object]:
+    """Autocast off for the sigma math (entered only when autocast is on: it is not free)."""
+    device = weight.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.autocast(device, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _scale(sigma: Tensor, lipschitz: float, soft: bool, eps: float) -> Tensor:
@@ -344,12 +353,8 @@ class SpectralNorm(nn.Module):
 
     def power_step(self, weight: Tensor) -> None:
         """Advance the iteration ``n_power_iterations`` steps for the current ``weight``."""
-        with torch.no_grad():
-            if torch.is_autocast_enabled(weight.device.type):
-                with torch.autocast(weight.device.type, enabled=False):
-                    self._advance(self._matrix(weight))
-            else:
-                self._advance(self._matrix(weight))
+        with torch.no_grad(), _full_precision(weight):
+            self._advance(self._matrix(weight))
 
     def _advance(self, matrix: Tensor) -> None:
         if self.n_power_iterations == 0:
@@ -369,7 +374,7 @@ class SpectralNorm(nn.Module):
 
     def sigma(self, weight: Tensor) -> Tensor:
         """The estimate ``u^T W v`` that the eval forward divides by (no grad)."""
-        with torch.no_grad():
+        with torch.no_grad(), _full_precision(weight):
             return torch.vdot(self._u, self._matrix(weight) @ self._v)
 
     def forward(self, weight: Tensor) -> Tensor:

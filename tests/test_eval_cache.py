@@ -190,3 +190,16 @@ def test_no_cache_while_compiling_or_when_disabled(monkeypatch: pytest.MonkeyPat
     with torch.no_grad():
         torch.testing.assert_close(layer.weight, _expected(layer), rtol=1e-6, atol=0)
     assert _norm(layer)._cache is None
+
+
+def test_eval_under_autocast_serves_the_full_precision_weight() -> None:
+    layer = snpatch.apply_spectral_norm(nn.Linear(16, 8)).eval()
+    expected = _expected(layer)
+    for grad in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16), torch.set_grad_enabled(grad):
+            weight = layer.weight
+            out = layer(torch.randn(2, 16))
+        assert out.dtype == torch.bfloat16
+        torch.testing.assert_close(weight, expected, rtol=1e-6, atol=0)
+    with torch.no_grad():  # the weight cached under autocast, served outside it
+        torch.testing.assert_close(layer.weight, expected, rtol=1e-6, atol=0)
