@@ -1,9 +1,10 @@
-"""Command line: ``snpatch inspect`` (also ``python -m snpatch``).
+"""Command line: ``snpatch inspect`` and ``snpatch bench`` (also ``python -m snpatch``).
 
 ``snpatch inspect [MODEL]`` builds a model (a torchvision model name, or
 ``package.module:factory``), loads ``--weights`` if given, patches it and prints each
-patched layer's top singular value before and after. Bad input gives one line on stderr
-and exit code 2.
+patched layer's top singular value before and after. ``snpatch bench [MODEL]`` times
+the model unpatched, with torch's spectral norm and with snpatch (see :mod:`snpatch.bench`).
+Bad input gives one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import bench
 from .errors import SnpatchError
 from .parametrization import weight_to_matrix
 from .patch import apply_spectral_norm, layer_targets, patched_layers
@@ -142,6 +144,37 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    model = bench.mlp() if args.model == "mlp" else build_model(args.model)
+    result = bench.run_bench(
+        lambda: model,
+        batch_size=args.batch_size,
+        image_size=args.image_size,
+        eval_batch_size=args.eval_batch_size,
+        steps=args.steps,
+        warmup=args.warmup,
+        label=args.model,
+    )
+    if args.json:
+        print(json.dumps(result.as_dict(), indent=2))
+    else:
+        print(bench.format_report(result))
+    return 0
+
+
+def _count(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="snpatch", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -159,6 +192,22 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--weights", metavar="PATH", help="state_dict file (torch.save)")
     inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
     inspect.set_defaults(run=_inspect)
+    timing = commands.add_parser(
+        "bench", help="time training steps and eval forwards: unpatched, torch's, snpatch"
+    )
+    timing.add_argument(
+        "model",
+        nargs="?",
+        default="resnet18",
+        help="torchvision model name, package.module:factory, or mlp (8 x Linear(512))",
+    )
+    timing.add_argument("--batch-size", type=_count(1), default=16, help="training batch")
+    timing.add_argument("--image-size", type=_count(1), default=64, help="input side")
+    timing.add_argument("--eval-batch-size", type=_count(1), default=1, help="eval batch")
+    timing.add_argument("--steps", type=_count(1), default=20, help="timed steps per variant")
+    timing.add_argument("--warmup", type=_count(0), default=3, help="untimed steps first")
+    timing.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    timing.set_defaults(run=_bench)
     return parser
 
 

@@ -13,6 +13,7 @@ one vector per step falls behind).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, Literal
 
@@ -92,6 +93,14 @@ def _matrix_to_weight(matrix: Tensor, shape: torch.Size, dim: int) -> Tensor:
         return matrix.reshape(shape)
     moved = (shape[dim], *(s for i, s in enumerate(shape) if i != dim))
     return matrix.reshape(moved).movedim(0, dim)
+
+
+def _full_precision(weight: Tensor) -> contextlib.AbstractContextManager[object]:
+    """Autocast off for the sigma math (entered only when autocast is on: it is not free)."""
+    device = weight.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.autocast(device, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _scale(sigma: Tensor, lipschitz: float, soft: bool, eps: float) -> Tensor:
@@ -192,6 +201,17 @@ class _Normalize(torch.autograd.Function):
             active = active & (sigma > lipschitz)
         inner = torch.vdot(grad.flatten().to(sigma.dtype), weight.flatten().to(sigma.dtype))
         coefficient = torch.where(active, -scale / sigma.clamp_min(eps) * inner, 0.0)
+        if (
+            dim == 0
+            and grad.device.type == "cpu"
+            and grad.dtype == sigma.dtype
+            and grad.is_contiguous()
+        ):
+            # One pass over the weight: g * scale + coefficient * u v^T (reading the CPU
+            # scalar costs no device synchronization).
+            matrix = grad.view(grad.shape[0], -1)
+            fused = torch.addr(matrix, u * coefficient, v, beta=float(scale))
+            return fused.view(grad.shape), None, None, None, None, None, None, None
         grad_weight = _scaled(grad, scale)
         u_scaled = (u * coefficient).to(grad_weight.dtype)
         if dim == 0 and grad_weight.is_contiguous():
@@ -290,6 +310,8 @@ class SpectralNorm(nn.Module):
     Each step reads the weight twice, as torch's power iteration does, but a block of
     vectors keeps tracking the top singular value where one vector falls behind.
 
+    In eval mode the normalized weight is cached (see :meth:`forward`).
+
     Args:
         weight: the weight to be normalized (used for shapes and the initial estimate).
         dim: the dimension that becomes the rows of the matrix (1 for transposed convs).
@@ -309,6 +331,9 @@ class SpectralNorm(nn.Module):
     _v: Tensor
     _block: Tensor
     _sigma: Tensor
+
+    #: Serve the eval-mode weight from a cache (see :meth:`forward`); False recomputes it.
+    eval_cache: bool = True
 
     def __init__(
         self,
@@ -338,6 +363,7 @@ class SpectralNorm(nn.Module):
             block = _orthonormal(cols, k, matrix).mT.contiguous()
             self.register_buffer("_block", block, persistent=False)
             self.register_buffer("_sigma", matrix.new_zeros(()), persistent=False)
+        self._cache: tuple[tuple[object, ...], Tensor] | None = None
         self.converge(weight)
 
     def config(self) -> dict[str, object]:
@@ -348,6 +374,7 @@ class SpectralNorm(nn.Module):
             "mode": self.mode,
             "n_power_iterations": self.n_power_iterations,
             "eps": self.eps,
+            "eval_cache": self.eval_cache,
         }
 
     @classmethod
@@ -365,6 +392,8 @@ class SpectralNorm(nn.Module):
         norm.mode = config["mode"]
         norm.n_power_iterations = int(config["n_power_iterations"])
         norm.eps = float(config["eps"])
+        norm.eval_cache = bool(config.get("eval_cache", True))
+        norm._cache = None
         for name, tensor in buffers.items():
             norm.register_buffer(name, tensor, persistent=name in cls.persistent_buffers)
         return norm
@@ -421,15 +450,16 @@ class SpectralNorm(nn.Module):
             basis = _lanczos_subspace(matrix, k, self._block[0].clone())
         self._block.copy_(basis.mT)
 
-    @torch.no_grad()
     def power_step(self, weight: Tensor) -> None:
         """Advance the iteration ``n_power_iterations`` steps for the current ``weight``."""
-        with torch.autocast(weight.device.type, enabled=False):
-            matrix = self._matrix(weight)
-            if self.n_power_iterations == 0:
-                self._sigma.copy_(torch.vdot(self._u, matrix @ self._v))
-            for _ in range(self.n_power_iterations):
-                self._step(matrix)
+        with torch.no_grad(), _full_precision(weight):
+            self._advance(self._matrix(weight))
+
+    def _advance(self, matrix: Tensor) -> None:
+        if self.n_power_iterations == 0:
+            self._sigma.copy_(torch.vdot(self._u, matrix @ self._v))
+        for _ in range(self.n_power_iterations):
+            self._step(matrix)
 
     def _step(self, matrix: Tensor) -> None:
         block = self._block
@@ -443,16 +473,36 @@ class SpectralNorm(nn.Module):
 
     def sigma(self, weight: Tensor) -> Tensor:
         """The estimate ``u^T W v`` that the eval forward divides by (no grad)."""
-        with torch.no_grad():
+        with torch.no_grad(), _full_precision(weight):
             return torch.vdot(self._u, self._matrix(weight) @ self._v)
 
     def forward(self, weight: Tensor) -> Tensor:
-        # In training the pre-hook has just run the iteration for this weight; in eval (and
-        # under torch.func, where the hook cannot update the state) the estimate is
-        # recomputed for the current weight, as torch does.
-        sigma = (
-            self._sigma if self.training and not in_functorch_transform() else self.sigma(weight)
-        )
+        """``weight`` normalized; in training with the estimate the pre-hook just updated.
+
+        In eval mode (and under torch.func, where the hook cannot update the state) the
+        estimate is recomputed for the current weight, as torch does. In eval mode the
+        result is cached: while the weight (its identity, storage and version counter),
+        ``u``, ``v`` and the options stay the same, the cached tensor is served. It is never
+        served where the result must carry a graph (grad enabled and the weight requires
+        grad: e.g. gradients with respect to the weights in eval), under torch.func, nor
+        while ``torch.compile`` traces. In-place edits made through ``.data`` bypass
+        PyTorch's version counter: after one in eval mode call :meth:`clear_cache` (or set
+        ``eval_cache = False``). Switching to training drops the cache.
+        """
+        functorch = in_functorch_transform()
+        if self.training and not functorch:
+            self._cache = None
+            sigma = self._sigma
+        elif (
+            not self.training
+            and not functorch
+            and self.eval_cache
+            and not (weight.requires_grad and torch.is_grad_enabled())
+            and not torch.compiler.is_compiling()
+        ):
+            return self._cached(weight)
+        else:
+            sigma = self.sigma(weight)
         # Cloned: a second forward before backward (D(real), D(fake)) updates the buffers
         # in place, and autograd must see the values this forward used.
         return _Normalize.apply(  # type: ignore[no-any-return]
@@ -466,11 +516,53 @@ class SpectralNorm(nn.Module):
             self.dim,
         )
 
+    def _cached(self, weight: Tensor) -> Tensor:
+        """The eval-mode normalized weight, from the cache while it is valid."""
+        u, v = self._u, self._v
+        if weight.is_inference() or u.is_inference() or v.is_inference():
+            # Inference tensors have no version counter to validate a cache with.
+            return self.effective_weight(weight)
+        key = (
+            id(weight),
+            weight.data_ptr(),
+            weight._version,
+            u.data_ptr(),
+            u._version,
+            v.data_ptr(),
+            v._version,
+            self.lipschitz,
+            self.mode,
+            self.eps,
+        )
+        cache = self._cache
+        if cache is not None and cache[0] == key:
+            return cache[1]
+        # Built outside inference mode so that it can be served in any later mode.
+        with torch.inference_mode(False):
+            value = self.effective_weight(weight)
+        self._cache = (key, value)
+        return value
+
+    def clear_cache(self) -> None:
+        """Drop the cached eval-mode weight (needed only after an edit through ``.data``)."""
+        self._cache = None
+
+    def train(self, mode: bool = True) -> SpectralNorm:
+        # No full-size copy is kept alive while training.
+        self._cache = None
+        return super().train(mode)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(super().__getstate__())  # type: ignore[no-untyped-call]
+        state["_cache"] = None  # deepcopy / pickle: rebuilt on the next eval forward
+        return state
+
     def right_inverse(self, value: Tensor) -> Tensor:
         return value
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> SpectralNorm:
         super()._apply(fn, recurse)  # type: ignore[no-untyped-call]
+        self._cache = None
         # model.half() / model.to(torch.bfloat16) must not lower the iteration's precision.
         for name in ("_u", "_v", "_block", "_sigma"):
             buffer = self._buffers[name]
