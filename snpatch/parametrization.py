@@ -206,9 +206,11 @@ class _Normalize(torch.autograd.Function):
             and grad.device.type == "cpu"
             and grad.dtype == sigma.dtype
             and grad.is_contiguous()
+            and not torch.compiler.is_compiling()
         ):
             # One pass over the weight: g * scale + coefficient * u v^T (reading the CPU
-            # scalar costs no device synchronization).
+            # scalar costs no device synchronization; a compiled graph can't read it, and
+            # inductor fuses the general path anyway).
             matrix = grad.view(grad.shape[0], -1)
             fused = torch.addr(matrix, u * coefficient, v, beta=float(scale))
             return fused.view(grad.shape), None, None, None, None, None, None, None

@@ -39,5 +39,7 @@ def test_patch_pretrained_quick_exports_and_writes_a_plain_checkpoint(tmp_path: 
     assert "patched 20 layers" in out
     assert re.search(r"torch.export: max \|diff\| vs patched model \d", out)
     assert "ONNX (onnxruntime)" in out
-    assert (tmp_path / "resnet18.onnx").stat().st_size > 1_000_000
+    # torch.onnx writes large initializers next to the graph, in resnet18.onnx.data.
+    onnx_size = sum(f.stat().st_size for f in tmp_path.glob("resnet18.onnx*"))
+    assert onnx_size > 40_000_000  # resnet18's 11.7M float32 weights
     assert (tmp_path / "resnet18-sn-plain.pth").exists()

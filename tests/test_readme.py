@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import re
+import signal
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -13,12 +17,37 @@ BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL)
 
 
 def test_readme_has_python_blocks() -> None:
-    assert len(BLOCKS) >= 2
+    assert len(BLOCKS) >= 3
+
+
+def _run_distributed(block: str, tmp_path: Path) -> None:
+    """A block that starts a process group runs as torchrun would run it: 2 processes."""
+    script = tmp_path / "block.py"
+    script.write_text(block)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    process = subprocess.Popen(
+        [*command, "--nproc_per_node=2", str(script)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # so a timeout can kill the workers too
+    )
+    try:
+        _, stderr = process.communicate(timeout=240)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    assert process.returncode == 0, stderr[-3000:]
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit is deprecated in torch 2.14
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
-def test_readme_python_block_runs(index: int) -> None:
+def test_readme_python_block_runs(index: int, tmp_path: Path) -> None:
+    block = BLOCKS[index]
+    if "init_process_group" in block:
+        _run_distributed(block, tmp_path)
+        return
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        exec(compile(BLOCKS[index], f"README.md block {index}", "exec"), {"__name__": "readme"})
+        exec(compile(block, f"README.md block {index}", "exec"), {"__name__": "readme"})
