@@ -13,6 +13,7 @@ from .errors import (
     SnpatchWarning,
     UnsupportedLayerError,
 )
+from .operator import OperatorNorm
 from .parametrization import SpectralNorm
 from .patch import (
     SpectralNormConfig,
@@ -22,6 +23,7 @@ from .patch import (
     set_lipschitz,
     spectral_norms,
 )
+from .report import SpectralReport, lipschitz_bound, lipschitz_bounds, spectral_report
 from .select import DEFAULT_LAYER_TYPES, select_layers
 
 __version__ = "0.1.0"
@@ -32,16 +34,21 @@ __all__ = [
     "InvalidArgumentError",
     "InvalidArgumentTypeError",
     "NoMatchingLayersError",
+    "OperatorNorm",
     "SnpatchError",
     "SnpatchWarning",
     "SpectralNorm",
     "SpectralNormConfig",
+    "SpectralReport",
     "UnsupportedLayerError",
     "__version__",
     "apply_spectral_norm",
     "is_patched",
+    "lipschitz_bound",
+    "lipschitz_bounds",
     "patched_layers",
     "select_layers",
     "set_lipschitz",
     "spectral_norms",
+    "spectral_report",
 ]
