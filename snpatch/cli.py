@@ -22,6 +22,7 @@ from torch import nn
 from .errors import SnpatchError
 from .parametrization import weight_to_matrix
 from .patch import apply_spectral_norm, layer_targets, patched_layers
+from .report import spectral_report
 from .select import select_layers
 
 __all__ = ["build_model", "main"]
@@ -102,7 +103,16 @@ def _inspect(args: argparse.Namespace) -> int:
     model.eval()
     names = select_layers(model, args.include, args.exclude)
     before = _top_singular_values(model, names)
-    apply_spectral_norm(model, args.include, args.exclude, lipschitz=args.lipschitz, mode=args.mode)
+    input_shape = _input_shape(args.input_shape)
+    apply_spectral_norm(
+        model,
+        args.include,
+        args.exclude,
+        lipschitz=args.lipschitz,
+        mode=args.mode,
+        method=args.method,
+    )
+    report = spectral_report(model, input_shape)
     patched = list(patched_layers(model))
     after = _top_singular_values(model, patched)
     rows = [
@@ -121,7 +131,10 @@ def _inspect(args: argparse.Namespace) -> int:
                     "model": args.model,
                     "lipschitz": args.lipschitz,
                     "mode": args.mode,
+                    "method": args.method,
+                    "input_shape": None if input_shape is None else list(input_shape),
                     "layers": rows,
+                    "report": report.to_dict(),
                 },
                 indent=2,
             )
@@ -137,9 +150,29 @@ def _inspect(args: argparse.Namespace) -> int:
             f"{row['name']:<{width}}  {row['layer_type']:<18}  "
             f"{row['sigma_before']:>12.4f}  {row['sigma_after']:>11.4f}"
         )
-    worst = max(abs(row["sigma_after"] - args.lipschitz) for row in rows) / args.lipschitz
-    print(f"worst |sigma - target| / target after patching: {worst:.2e}")
+    if args.method == "matrix":
+        worst = max(abs(row["sigma_after"] - args.lipschitz) for row in rows) / args.lipschitz
+        print(f"worst |sigma - target| / target after patching: {worst:.2e}")
+    shape = "no input size" if input_shape is None else f"input {','.join(map(str, input_shape))}"
+    print(f"\nspectral report (method={args.method}, {shape}):")
+    print(report)
     return 0
+
+
+def _input_shape(text: str | None) -> tuple[int, ...] | None:
+    """``"3,32,32"`` -> ``(3, 32, 32)``: one sample's shape, positive ints."""
+    if text is None:
+        return None
+    try:
+        shape = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        shape = ()
+    if not shape or min(shape) < 1:
+        raise _UsageError(
+            f"--input-shape must be positive integers separated by commas (e.g. 3,32,32), "
+            f"got {text!r}"
+        )
+    return shape
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -156,6 +189,17 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--exclude", action="append", default=None, metavar="PATTERN")
     inspect.add_argument("--lipschitz", type=float, default=1.0)
     inspect.add_argument("--mode", choices=["hard", "soft"], default="hard")
+    inspect.add_argument(
+        "--method",
+        choices=["matrix", "operator"],
+        default="matrix",
+        help="convolutions: kernel matrix norm (torch's) or true operator norm",
+    )
+    inspect.add_argument(
+        "--input-shape",
+        metavar="C,H,W",
+        help="run one forward on a random input of this shape (one sample) before the report",
+    )
     inspect.add_argument("--weights", metavar="PATH", help="state_dict file (torch.save)")
     inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
     inspect.set_defaults(run=_inspect)

@@ -85,6 +85,8 @@ _ALL_SIZES_BUDGET = 2e9
 _MAX_FREQUENCIES = 1 << 14
 # Bernstein's factor is 1 / (1 - sum_i pi m_i / N_i); the grid aims for this sum.
 _ALL_SIZES_SLACK = 0.1
+# Layers with at most this many inputs are bounded through their dense matrix (exact).
+_DENSE_LIMIT = 1024
 # Complex entries processed per chunk of frequencies (memory bound).
 _CHUNK_ENTRIES = 1 << 23
 
@@ -440,8 +442,24 @@ def conv_bound(spec: ConvSpec, weight: Tensor, size: Sequence[int] | None) -> fl
     """
     if size is None:
         return _all_sizes_bound(spec, weight)
+    dense = _dense_matrix(spec, weight, size)
+    if dense is not None:
+        return matrix_bound(dense)
     grid, stride, factor = _grid_and_factor(spec, weight, size)
     return _circulant_norm(weight, spec.groups, spec.dilation, grid, stride) * factor
+
+
+def _dense_matrix(spec: ConvSpec, weight: Tensor, size: Sequence[int]) -> Tensor | None:
+    """The layer's matrix (float64, ``outputs x inputs``) when it is small, else None."""
+    n_in = spec.in_channels * math.prod(size)
+    if n_in > _DENSE_LIMIT:
+        return None
+    w = weight.detach().to(torch.float64)
+    basis = torch.eye(n_in, dtype=torch.float64, device=w.device)
+    columns = spec.apply(basis.reshape(n_in, spec.in_channels, *size), w).flatten(1)
+    if min(columns.shape) > _DENSE_LIMIT:
+        return None
+    return columns.mT
 
 
 def operator_norm(
@@ -449,9 +467,13 @@ def operator_norm(
 ) -> float:
     """The operator norm on ``size`` by Lanczos (Golub-Kahan) on the layer and its adjoint.
 
-    A converged estimate from below (not certified); pair it with :func:`conv_bound`.
+    Exact (dense SVD) for small layers; otherwise a converged estimate from below (not
+    certified); pair it with :func:`conv_bound`.
     """
     w = weight.detach().to(torch.float64)
+    dense = _dense_matrix(spec, w, size)
+    if dense is not None:
+        return float(torch.linalg.matrix_norm(dense, ord=2))
     apply, adjoint, n = linear_maps(spec, w, size)
     start = torch.randn(n, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     n_out = int(apply(start).numel())
