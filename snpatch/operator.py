@@ -87,8 +87,8 @@ _ALL_SIZES_BUDGET = 2e9
 _MAX_FREQUENCIES = 1 << 14
 # Bernstein's factor is 1 / (1 - sum_i pi m_i / N_i); the grid aims for this sum.
 _ALL_SIZES_SLACK = 0.1
-# Layers with at most this many inputs are bounded through their dense matrix (exact).
-_DENSE_LIMIT = 1024
+# Layers with at most this many inputs (and outputs) are bounded through their dense matrix.
+_DENSE_LIMIT = 2048
 # Complex entries processed per chunk of frequencies (memory bound).
 _CHUNK_ENTRIES = 1 << 23
 
