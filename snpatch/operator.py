@@ -88,7 +88,8 @@ _MAX_FREQUENCIES = 1 << 14
 # Bernstein's factor is 1 / (1 - sum_i pi m_i / N_i); the grid aims for this sum.
 _ALL_SIZES_SLACK = 0.1
 # Layers with at most this many inputs (and outputs) are bounded through their dense matrix.
-_DENSE_LIMIT = 2048
+_DENSE_LIMIT = 1024
+_DENSE_ENTRIES = 1 << 24
 # Complex entries processed per chunk of frequencies (memory bound).
 _CHUNK_ENTRIES = 1 << 23
 
@@ -458,13 +459,13 @@ def conv_bound(spec: ConvSpec, weight: Tensor, size: Sequence[int] | None) -> fl
 def _dense_matrix(spec: ConvSpec, weight: Tensor, size: Sequence[int]) -> Tensor | None:
     """The layer's matrix (float64, ``outputs x inputs``) when it is small, else None."""
     n_in = spec.in_channels * math.prod(size)
-    if n_in > _DENSE_LIMIT:
+    out_channels = weight.shape[1] * spec.groups if spec.transposed else weight.shape[0]
+    n_out = out_channels * math.prod(spec.output_size(size, weight))
+    if n_in > _DENSE_LIMIT or n_in * n_out > _DENSE_ENTRIES:
         return None
     w = weight.detach().to(torch.float64)
     basis = torch.eye(n_in, dtype=torch.float64, device=w.device)
     columns = spec.apply(basis.reshape(n_in, spec.in_channels, *size), w).flatten(1)
-    if min(columns.shape) > _DENSE_LIMIT:
-        return None
     return columns.mT
 
 
