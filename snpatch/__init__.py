@@ -23,6 +23,7 @@ from .export import (
     remove_spectral_norm,
     restore_spectral_norm,
 )
+from .operator import OperatorNorm
 from .parametrization import SpectralNorm
 from .patch import (
     SpectralNormConfig,
@@ -33,6 +34,7 @@ from .patch import (
     spectral_norms,
     update_sigma,
 )
+from .report import SpectralReport, lipschitz_bound, lipschitz_bounds, spectral_report
 from .select import DEFAULT_LAYER_TYPES, select_layers
 
 __version__ = "0.1.0"
@@ -43,6 +45,7 @@ __all__ = [
     "InvalidArgumentError",
     "InvalidArgumentTypeError",
     "NoMatchingLayersError",
+    "OperatorNorm",
     "SerializationError",
     "SnapshotMismatchError",
     "SnpatchError",
@@ -50,12 +53,15 @@ __all__ = [
     "SpectralNorm",
     "SpectralNormConfig",
     "SpectralNormSnapshot",
+    "SpectralReport",
     "UnsupportedLayerError",
     "WrappedModelError",
     "__version__",
     "apply_spectral_norm",
     "exported",
     "is_patched",
+    "lipschitz_bound",
+    "lipschitz_bounds",
     "patched_layers",
     "plain_state_dict",
     "remove_spectral_norm",
@@ -63,5 +69,6 @@ __all__ = [
     "select_layers",
     "set_lipschitz",
     "spectral_norms",
+    "spectral_report",
     "update_sigma",
 ]

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .errors import AlreadyPatchedError, InvalidArgumentTypeError, SnapshotMismatchError
+from .operator import OperatorNorm
 from .parametrization import SpectralNorm
 from .patch import (
     checkpoint_adapter,
@@ -43,7 +44,10 @@ __all__ = [
 T_module = TypeVar("T_module", bound=nn.Module)
 
 #: Parametrization classes a snapshot can rebuild, by their ``kind``.
-NORM_KINDS: dict[str, type[SpectralNorm]] = {SpectralNorm.kind: SpectralNorm}
+NORM_KINDS: dict[str, type[SpectralNorm]] = {
+    SpectralNorm.kind: SpectralNorm,
+    OperatorNorm.kind: OperatorNorm,
+}
 
 _FORMAT = 1
 

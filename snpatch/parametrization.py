@@ -245,22 +245,35 @@ def _gram_subspace(matrix: Tensor, k: int) -> Tensor:
 
 
 def _lanczos_subspace(matrix: Tensor, k: int, start: Tensor) -> Tensor:
-    """Top-``k`` right Ritz vectors of a Golub-Kahan-Lanczos bidiagonalization.
+    """Top-``k`` right Ritz vectors of ``matrix`` (see :func:`lanczos_top`)."""
+    steps = min(_LANCZOS_MAX_STEPS, *matrix.shape)
+    return lanczos_top(lambda v: matrix @ v, lambda u: matrix.mT @ u, steps, k, start)[1]
 
-    Full reorthogonalization; stops once the top Ritz value changes by less than
-    ``_LANCZOS_RTOL`` (checked every few steps) or after ``_LANCZOS_MAX_STEPS`` steps.
-    Krylov methods separate a clustered top of the spectrum far faster than subspace
-    iteration, which is what large randomly initialized layers have.
+
+def lanczos_top(
+    apply: Callable[[Tensor], Tensor],
+    adjoint: Callable[[Tensor], Tensor],
+    steps: int,
+    k: int,
+    start: Tensor,
+    rtol: float = _LANCZOS_RTOL,
+) -> tuple[float, Tensor]:
+    """Top singular value and top-``k`` right Ritz vectors of a Golub-Kahan-Lanczos run.
+
+    ``apply(v) = A v`` and ``adjoint(u) = A^T u`` on flat vectors (a matrix, or a
+    convolution and its vector-Jacobian product). Full reorthogonalization; stops once the
+    top Ritz value changes by less than ``rtol`` (checked every few steps) or after
+    ``steps`` steps (at most the smaller dimension of ``A``). Krylov methods separate a
+    clustered top of the spectrum far faster than subspace iteration, which is what large
+    randomly initialized layers (and convolution operators) have.
     """
-    rows, cols = matrix.shape
-    steps = min(_LANCZOS_MAX_STEPS, rows, cols)
     us: list[Tensor] = []
     vs: list[Tensor] = [F.normalize(start, dim=0)]
     alphas: list[Tensor] = []
     betas: list[Tensor] = []
-    previous = torch.zeros((), dtype=matrix.dtype, device=matrix.device)
+    previous = torch.zeros((), dtype=start.dtype, device=start.device)
     for j in range(steps):
-        u = matrix @ vs[j]
+        u = apply(vs[j])
         if us:
             left = torch.stack(us, 1)
             u = u - left @ (left.mT @ u)
@@ -268,7 +281,7 @@ def _lanczos_subspace(matrix: Tensor, k: int, start: Tensor) -> Tensor:
         alpha = u.norm()
         us.append(u / alpha.clamp_min(torch.finfo(u.dtype).tiny))
         alphas.append(alpha)
-        v = matrix.mT @ us[j]
+        v = adjoint(us[j])
         right = torch.stack(vs, 1)
         v = v - right @ (right.mT @ v)
         v = v - right @ (right.mT @ v)
@@ -278,14 +291,14 @@ def _lanczos_subspace(matrix: Tensor, k: int, start: Tensor) -> Tensor:
             betas.append(beta)
         if (j + 1) % 8 == 0 or j + 1 == steps:
             top = torch.linalg.svdvals(_bidiagonal(alphas, betas))[0]
-            if bool((top - previous).abs() <= _LANCZOS_RTOL * top) and j + 1 >= 2 * k:
+            if bool((top - previous).abs() <= rtol * top) and j + 1 >= 2 * k:
                 break
             previous = top
     bidiag = _bidiagonal(alphas, betas)
-    _, _, vh = torch.linalg.svd(bidiag)
+    _, values, vh = torch.linalg.svd(bidiag)
     basis = torch.stack(vs[: bidiag.shape[1]], 1) @ vh[:k].mT
     ortho: Tensor = torch.linalg.qr(basis)[0]
-    return ortho
+    return float(values[0]), ortho
 
 
 def _bidiagonal(alphas: list[Tensor], betas: list[Tensor]) -> Tensor:
@@ -322,6 +335,7 @@ class SpectralNorm(nn.Module):
         n_power_iterations: block steps per training forward (0: keep the state).
         eps: lower bound of ``sigma`` in the division.
         block_size: vectors tracked per side (at most ``min(matrix shape)``).
+        converge: estimate the state now (False: random vectors, to be overwritten).
     """
 
     #: Name under which snapshots (:func:`snpatch.remove_spectral_norm`) record this class.
@@ -347,6 +361,7 @@ class SpectralNorm(nn.Module):
         n_power_iterations: int,
         eps: float,
         block_size: int = BLOCK_SIZE,
+        converge: bool = True,
     ) -> None:
         super().__init__()
         self.dim = dim
@@ -366,7 +381,8 @@ class SpectralNorm(nn.Module):
             self.register_buffer("_block", block, persistent=False)
             self.register_buffer("_sigma", matrix.new_zeros(()), persistent=False)
         self._cache: tuple[tuple[object, ...], Tensor] | None = None
-        self.converge(weight)
+        if converge:
+            self.converge(weight)
 
     def config(self) -> dict[str, object]:
         """The options, as plain Python values (with :meth:`from_config`: an exact copy)."""

@@ -12,7 +12,7 @@ import math
 import numbers
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TypeVar, cast
+from typing import Literal, TypeVar, cast
 
 import torch
 from torch import Tensor, nn
@@ -29,6 +29,7 @@ from .errors import (
     SerializationError,
     UnsupportedLayerError,
 )
+from .operator import ConvSpec, OperatorNorm, is_conv
 from .parametrization import Mode, SpectralNorm, in_backward_pass, in_functorch_transform
 from .select import LayerFilter, Pattern, check_model, resolve_selection, select_from
 
@@ -45,7 +46,10 @@ __all__ = [
 
 T_module = TypeVar("T_module", bound=nn.Module)
 
+Method = Literal["matrix", "operator"]
+
 _MODES = ("hard", "soft")
+_METHODS = ("matrix", "operator")
 
 
 def check_lipschitz(lipschitz: object) -> float:
@@ -69,6 +73,8 @@ class SpectralNormConfig:
         mode: ``"hard"`` (``W * c / sigma``) or ``"soft"`` (``W / max(1, sigma / c)``).
         n_power_iterations: block power-iteration steps per training forward (>= 0).
         eps: lower bound on ``sigma`` in the division (>= 0).
+        method: ``"matrix"`` or ``"operator"`` (convolutions: their operator norm).
+        certified: divide by a certified upper bound instead of an estimate.
 
     Raises:
         ValueError: a value is out of range (the message names it).
@@ -79,6 +85,8 @@ class SpectralNormConfig:
     mode: Mode = "hard"
     n_power_iterations: int = 1
     eps: float = 1e-12
+    method: Method = "matrix"
+    certified: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lipschitz", check_lipschitz(self.lipschitz))
@@ -100,6 +108,14 @@ class SpectralNormConfig:
         if not (math.isfinite(float(eps)) and eps >= 0):
             raise InvalidArgumentError(f"eps must be finite and >= 0, got {eps!r}")
         object.__setattr__(self, "eps", float(eps))
+        if self.method not in _METHODS:
+            raise InvalidArgumentError(
+                f"method must be 'matrix' or 'operator', got {self.method!r}"
+            )
+        if not isinstance(self.certified, bool):
+            raise InvalidArgumentTypeError(
+                f"certified must be a bool, got {type(self.certified).__name__}: {self.certified!r}"
+            )
 
 
 def parametrization_list(owner: nn.Module, tensor_name: str) -> parametrize.ParametrizationList:
@@ -122,16 +138,28 @@ class PowerIterationHook:
         targets: ``(submodule path relative to the layer, tensor name)`` pairs.
     """
 
-    def __init__(self, targets: Sequence[tuple[str, str]]) -> None:
+    def __init__(self, targets: Sequence[tuple[str, str]], observes: bool = False) -> None:
         self.targets = tuple(targets)
+        # Whether a target is an OperatorNorm, which records input sizes in every mode.
+        self.observes = observes
 
     def __call__(self, module: nn.Module, args: tuple[object, ...]) -> None:
         # Advance once per training forward: not again when activation checkpointing
         # recomputes the forward during backward, and not under torch.func transforms,
         # which forbid the in-place update (see in_backward_pass, in_functorch_transform).
-        if not module.training or in_backward_pass() or in_functorch_transform():
+        if in_backward_pass() or in_functorch_transform():
             return
-        for _, norm, original in self.norms(module):
+        if not (module.training or self.observes):
+            return
+        norms = list(self.norms(module))
+        if self.observes:
+            for _, norm, original in norms:
+                if isinstance(norm, OperatorNorm):
+                    # In eval mode too: the first (or a larger) input size is estimated anew.
+                    norm.observe(original, args)
+        if not module.training:
+            return
+        for _, norm, original in norms:
             norm.power_step(original)
 
     def norms(self, layer: nn.Module) -> Iterator[tuple[str, SpectralNorm, Tensor]]:
@@ -239,6 +267,9 @@ def apply_spectral_norm(
     n_power_iterations: int = 1,
     eps: float = 1e-12,
     layer_types: Sequence[type[nn.Module]] | None = None,
+    method: Method = "matrix",
+    certified: bool = False,
+    example_inputs: Sequence[object] | None = None,
 ) -> T_module:
     """Put spectral normalization on the matching layers of ``model``, in place.
 
@@ -265,6 +296,16 @@ def apply_spectral_norm(
         n_power_iterations: block power-iteration steps per training forward (>= 0).
         eps: lower bound on ``sigma`` in the division (>= 0).
         layer_types: eligible layer classes (default :data:`snpatch.DEFAULT_LAYER_TYPES`).
+        method: ``"matrix"`` (the kernel viewed as a matrix, torch's convention) or
+            ``"operator"``: convolutions are divided by their l2 operator norm on the
+            largest input size they have received (see :class:`snpatch.OperatorNorm`);
+            other layers as with ``"matrix"``.
+        certified: divide by a certified upper bound (:func:`snpatch.lipschitz_bound`) so
+            that each layer's Lipschitz constant is guaranteed <= ``lipschitz``; needs
+            ``method="operator"`` when convolutions are selected.
+        example_inputs: positional arguments for one forward of ``model``, run before
+            patching in eval mode under ``no_grad`` (training flags restored) to record
+            each convolution's input size for ``method="operator"``.
 
     Returns:
         ``model`` itself, patched.
@@ -286,20 +327,27 @@ def apply_spectral_norm(
         >>> len(snpatch.patched_layers(model))
         20
     """
-    config = SpectralNormConfig(lipschitz, mode, n_power_iterations, eps)
+    config = SpectralNormConfig(lipschitz, mode, n_power_iterations, eps, method, certified)
     layers = resolve_selection(model, include, exclude, layer_types)
     check_not_wrapped(layers)
     plans = []
     for name, layer in layers:
         targets = layer_targets(layer)
         plans.append((layer, targets, [_check_target(name, layer, t) for t in targets]))
+        if config.certified and config.method == "matrix" and is_conv(layer):
+            raise InvalidArgumentError(
+                f"certified=True bounds a convolution's operator norm, but layer {name!r} "
+                f"({type(layer).__name__}) would be normalized by its matrix norm; "
+                "pass method='operator'"
+            )
+    sizes = record_input_sizes(model, layers, example_inputs)
     # Everything that can fail is computed before the model is touched.
     built = [
         (
             layer,
             targets,
             [
-                _build(weight, target, config)
+                _build(weight, target, config, layer, sizes.get(id(layer)))
                 for weight, target in zip(weights, targets, strict=True)
             ],
         )
@@ -325,7 +373,8 @@ def install(
         # torch made this class for ``owner`` alone; its default message for pickling
         # doesn't say what to do with a spectrally normalized model.
         type(owner).__getstate__ = _refuse_pickling  # type: ignore[method-assign]
-    layer.register_forward_pre_hook(PowerIterationHook(targets))
+    observes = any(isinstance(norm, OperatorNorm) for norm in norms)
+    layer.register_forward_pre_hook(PowerIterationHook(targets, observes))
     layer.register_load_state_dict_pre_hook(adapter.before_load)  # type: ignore[no-untyped-call]
     layer.register_load_state_dict_post_hook(adapter.after_load)  # type: ignore[no-untyped-call]
 
@@ -401,6 +450,17 @@ class CheckpointAdapter:
             base = f"{prefix}{path}." if path else prefix
             patched = f"{base}parametrizations.{tensor_name}."
             if f"{patched}original" in state_dict:
+                # A checkpoint of the other method (matrix <-> operator) lacks the derived
+                # state of this one: placeholders now, re-estimated after loading.
+                missing = [
+                    name
+                    for name in norm.persistent_buffers - {"_u", "_v"}
+                    if f"{patched}0.{name}" not in state_dict
+                ]
+                for name in missing:
+                    state_dict[f"{patched}0.{name}"] = getattr(norm, name)
+                if missing:
+                    self.pending.add(key)
                 continue
             if f"{base}{tensor_name}" in state_dict:
                 state_dict[f"{patched}original"] = state_dict.pop(f"{base}{tensor_name}")
@@ -433,15 +493,74 @@ class CheckpointAdapter:
                 norm.refit_block(original)
 
 
-def _build(weight: Tensor, target: LayerTarget, config: SpectralNormConfig) -> SpectralNorm:
-    return SpectralNorm(
-        weight,
-        dim=target.dim,
-        lipschitz=config.lipschitz,
-        mode=config.mode,
-        n_power_iterations=config.n_power_iterations,
-        eps=config.eps,
-    )
+def _build(
+    weight: Tensor,
+    target: LayerTarget,
+    config: SpectralNormConfig,
+    layer: nn.Module,
+    input_size: tuple[int, ...] | None,
+) -> SpectralNorm:
+    operator = config.method == "operator" and is_conv(layer)
+    options = {
+        "dim": target.dim,
+        "lipschitz": config.lipschitz,
+        "mode": config.mode,
+        "n_power_iterations": config.n_power_iterations,
+        "eps": config.eps,
+    }
+    if operator or config.certified:
+        return OperatorNorm(
+            weight,
+            conv=ConvSpec.of(layer) if operator else None,
+            certified=config.certified,
+            input_size=input_size if operator else None,
+            **options,  # type: ignore[arg-type]
+        )
+    return SpectralNorm(weight, **options)  # type: ignore[arg-type]
+
+
+def record_input_sizes(
+    model: nn.Module,
+    layers: Sequence[tuple[str, nn.Module]],
+    example_inputs: Sequence[object] | None,
+) -> dict[int, tuple[int, ...]]:
+    """Spatial input size of each convolution in ``layers`` (by ``id``) for one forward.
+
+    The forward runs in eval mode under ``no_grad``; every module's training flag is
+    restored and the hooks are removed, whatever happens. A layer called several times
+    gets the elementwise largest size.
+    """
+    if example_inputs is None:
+        return {}
+    if isinstance(example_inputs, Tensor) or not isinstance(example_inputs, (tuple, list)):
+        raise InvalidArgumentTypeError(
+            "example_inputs must be a tuple of positional arguments for model(...), got "
+            f"{type(example_inputs).__name__}; for a single tensor x pass (x,)"
+        )
+    sizes: dict[int, tuple[int, ...]] = {}
+
+    def record(module: nn.Module, args: tuple[object, ...]) -> None:
+        if args and isinstance(args[0], Tensor) and isinstance(module, nn.modules.conv._ConvNd):
+            size = tuple(args[0].shape[-len(module.kernel_size) :])
+            old = sizes.get(id(module), size)
+            sizes[id(module)] = tuple(max(a, b) for a, b in zip(size, old, strict=True))
+
+    flags = {module: module.training for module in model.modules()}
+    handles = [layer.register_forward_pre_hook(record) for _, layer in layers if is_conv(layer)]
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(*example_inputs)
+    except Exception as error:
+        raise InvalidArgumentError(
+            f"example_inputs: the model's forward failed ({type(error).__name__}: {error})"
+        ) from error
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, flag in flags.items():
+            module.training = flag
+    return sizes
 
 
 def _hook(module: nn.Module) -> PowerIterationHook | None:

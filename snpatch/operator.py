@@ -1,0 +1,813 @@
+"""Convolutions as linear operators: their functional form, operator norms and certified bounds.
+
+A convolution layer maps an input of shape ``(C, *spatial)`` linearly (bias aside) to its
+output; its Lipschitz constant in the l2 norm is the top singular value of that linear map,
+which depends on the input size, the stride, the padding mode and the dilation, and is not
+the top singular value of the kernel reshaped to a matrix (what ``method="matrix"`` and
+torch's spectral norm divide by).
+
+:class:`ConvSpec` is the layer's functional form (``F.conv*d`` / ``F.conv_transpose*d`` with
+all its options, non-zero padding modes through ``F.pad``); the adjoint is never written by
+hand but taken with ``torch.func.vjp`` of that form.
+
+:func:`conv_bound` is a *certified* upper bound of the operator norm (up to a relative
+safety margin of 1e-8 far above float64 rounding error):
+
+- Every convolution on a known input size is bounded by a circular convolution on a grid:
+  a zero-padded convolution is a restriction of the circular one on
+  ``n + min(total padding, effective kernel - 1)`` (zero-embedding is an isometry, keeping
+  rows can only lower the norm); a stride keeps a subset of the output rows, so the
+  stride-1 bound holds (``||S C|| <= ||C||``); a transposed convolution is the adjoint of a
+  zero-padded convolution on its output size and has the same norm.
+- Circular padding on size ``n`` gives rows of the circulant on ``n``; rows repeat when the
+  output is longer than ``n``, which multiplies the bound by ``sqrt(repeats)``.
+- Reflect and replicate padding are a linear map ``P`` followed by a valid convolution:
+  ``||C P|| <= ||C|| ||P||``, with ``||P|| = sqrt(max number of copies of one input entry)``
+  (``P^T P`` is diagonal).
+- The circulant's norm is the largest top singular value of the kernel's FFT over the grid
+  (per group; groups combine by max). Each frequency's ``lambda_max(K^H K)`` is certified by
+  a Cholesky factorization of ``mu I - K^H K`` (it succeeds only if ``mu`` bounds every
+  eigenvalue), with ``mu`` just above a power-iteration estimate and raised until it holds.
+- For every input size at once (``size=None``) the sup over all frequencies is bounded from
+  a grid with Bernstein's inequality for trigonometric polynomials (the symbol's Gram matrix
+  has degree ``dilation * (kernel - 1)`` per dimension), or, for layers with too many
+  channels for a fine grid, by ``sqrt(kernel taps)`` times the reshaped-kernel norm.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .parametrization import (
+    _LANCZOS_MAX_STEPS,
+    _LOW_PRECISION,
+    BLOCK_SIZE,
+    Mode,
+    SpectralNorm,
+    _orthonormal,
+    _scale,
+    _scaled,
+    lanczos_top,
+    weight_to_matrix,
+)
+
+__all__ = [
+    "OPERATOR_BLOCK_SIZE",
+    "ConvSpec",
+    "OperatorNorm",
+    "conv_bound",
+    "is_conv",
+    "linear_maps",
+    "matrix_bound",
+    "operator_norm",
+]
+
+_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONV_TRANSPOSE_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_TRANSPOSE = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+# The certified value is checked at (1 - margin) of the bound reported: float64 rounding in
+# forming K^H K and in the Cholesky factorization is below 1e-12 relative for any layer size.
+_SAFETY = 1e-8
+# A Cholesky check starts this far above the estimate and is raised 4x on each failure.
+_FIRST_GAP = 1e-5
+_POWER_STEPS = 60
+# Below this work (matrices * rank^3) the estimate is an exact eigendecomposition.
+_EIGVALSH_WORK = 1e9
+# Work budget (frequencies * rank^3) for the every-size grid; above it, the cheap bound.
+_ALL_SIZES_BUDGET = 2e9
+_MAX_FREQUENCIES = 1 << 14
+# Bernstein's factor is 1 / (1 - sum_i pi m_i / N_i); the grid aims for this sum.
+_ALL_SIZES_SLACK = 0.1
+# Layers with at most this many inputs (and outputs) are bounded through their dense matrix.
+_DENSE_LIMIT = 1024
+_DENSE_ENTRIES = 1 << 24
+# Complex entries processed per chunk of frequencies (memory bound).
+_CHUNK_ENTRIES = 1 << 23
+
+
+def is_conv(module: nn.Module) -> bool:
+    """True for ``Conv1d/2d/3d`` and ``ConvTranspose1d/2d/3d`` (and subclasses)."""
+    return isinstance(module, _CONV_TYPES + _CONV_TRANSPOSE_TYPES)
+
+
+@dataclass(frozen=True)
+class ConvSpec:
+    """The functional form of one convolution layer (bias aside), as plain values.
+
+    Args:
+        transposed: a ``ConvTranspose*d``.
+        ndim: spatial dimensions (1, 2 or 3).
+        in_channels: channels of the input.
+        stride, dilation, output_padding: per spatial dimension.
+        padding: per spatial dimension, or ``"same"`` / ``"valid"`` (zeros mode only).
+        groups: channel groups.
+        padding_mode: ``"zeros"``, ``"circular"``, ``"reflect"`` or ``"replicate"``.
+        pad: ``F.pad``'s amounts (last dimension first, left then right), which also give
+            the padding of ``"same"``.
+    """
+
+    transposed: bool
+    ndim: int
+    in_channels: int
+    stride: tuple[int, ...]
+    padding: tuple[int, ...] | str
+    dilation: tuple[int, ...]
+    groups: int
+    padding_mode: str
+    output_padding: tuple[int, ...]
+    pad: tuple[int, ...]
+
+    @classmethod
+    def of(cls, layer: nn.Module) -> ConvSpec:
+        """The spec of a ``Conv*d`` / ``ConvTranspose*d`` layer."""
+        assert isinstance(layer, nn.modules.conv._ConvNd)
+        padding = layer.padding if isinstance(layer.padding, str) else tuple(layer.padding)
+        return cls(
+            transposed=bool(layer.transposed),
+            ndim=len(layer.kernel_size),
+            in_channels=int(layer.in_channels),
+            stride=tuple(int(s) for s in layer.stride),
+            padding=padding,
+            dilation=tuple(int(d) for d in layer.dilation),
+            groups=int(layer.groups),
+            padding_mode=str(layer.padding_mode),
+            output_padding=tuple(int(p) for p in layer.output_padding),
+            pad=tuple(int(p) for p in layer._reversed_padding_repeated_twice),
+        )
+
+    def apply(self, x: Tensor, weight: Tensor) -> Tensor:
+        """The layer's forward without bias: ``x`` is ``(batch, C, *spatial)``."""
+        if self.transposed:
+            return _CONV_TRANSPOSE[self.ndim](
+                x,
+                weight,
+                None,
+                self.stride,
+                self.padding,  # type: ignore[arg-type]
+                self.output_padding,
+                self.groups,
+                self.dilation,
+            )
+        if self.padding_mode != "zeros":
+            x = F.pad(x, self.pad, mode=self.padding_mode)
+            return _CONV[self.ndim](x, weight, None, self.stride, 0, self.dilation, self.groups)
+        return _CONV[self.ndim](
+            x,
+            weight,
+            None,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups,
+        )
+
+    def total_padding(self) -> tuple[int, ...]:
+        """Left + right padding per spatial dimension (first dimension first)."""
+        pairs = [self.pad[i] + self.pad[i + 1] for i in range(0, len(self.pad), 2)]
+        return tuple(reversed(pairs))
+
+    def output_size(self, size: Sequence[int], weight: Tensor) -> tuple[int, ...]:
+        """Spatial output size for input ``size`` (transposed: with ``output_padding``)."""
+        kernel = weight.shape[2:]
+        out = []
+        for i, n in enumerate(size):
+            extent = self.dilation[i] * (kernel[i] - 1) + 1
+            if self.transposed:
+                p = self.total_padding()[i]
+                out.append((n - 1) * self.stride[i] - p + extent + self.output_padding[i])
+            else:
+                out.append((n + self.total_padding()[i] - extent) // self.stride[i] + 1)
+        return tuple(out)
+
+
+def _vjp(
+    function: Callable[[Tensor], Tensor], x: Tensor
+) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+    """``function(x)`` and its adjoint ``g -> J^T g``, reusable (``torch.func.vjp``)."""
+    out, pullback = torch.func.vjp(function, x)[:2]
+
+    def adjoint(grad: Tensor) -> Tensor:
+        result: Tensor = pullback(grad)[0]
+        return result
+
+    return out, adjoint
+
+
+def _channel_blocks(weight: Tensor, groups: int) -> Tensor:
+    """``(groups, a, b, *kernel)``: each group's kernel (orientation does not matter)."""
+    return weight.reshape(groups, weight.shape[0] // groups, *weight.shape[1:])
+
+
+def _symbol(
+    block: Tensor, dilation: Sequence[int], grid: Sequence[int], stride: Sequence[int]
+) -> Tensor:
+    """``(frequencies, a, b * prod(stride))``: one group's kernel ``(a, b, *k)`` in Fourier.
+
+    The kernel's DFT on a circular grid (taps folded modulo the grid). With a stride ``s``
+    (the grid a multiple of it), the output keeps one frequency in ``s`` per dimension and
+    the ``s`` input frequencies that alias onto it are stacked side by side, scaled by
+    ``1/sqrt(s)``: the polyphase form, whose norm is exactly the strided circulant's.
+    """
+    a, b, *kernel = block.shape
+    placed = block.new_zeros(a, b, *grid)
+    flat_index = torch.zeros((), dtype=torch.long, device=block.device)
+    for axis, (k, d, g) in enumerate(zip(kernel, dilation, grid, strict=True)):
+        shape = [1] * len(grid)
+        shape[axis] = -1
+        index = torch.arange(k, device=block.device) * d % g
+        flat_index = flat_index + (index * math.prod(grid[axis + 1 :])).reshape(shape)
+    # index_add: taps that land on the same grid point (grids smaller than the kernel) add.
+    placed.flatten(2).index_add_(2, flat_index.flatten(), block.flatten(2))
+    dims = tuple(range(2, 2 + len(grid)))
+    if all(s == 1 for s in stride):
+        spectrum = torch.fft.rfftn(placed, dim=dims)
+        half: Tensor = spectrum.flatten(2).permute(2, 0, 1)
+        return half
+    spectrum = torch.fft.fftn(placed, dim=dims)
+    split = [n for g, s in zip(grid, stride, strict=True) for n in (s, g // s)]
+    spectrum = spectrum.reshape(a, b, *split)
+    ndim = len(grid)
+    coarse = [2 + 2 * i + 1 for i in range(ndim)]
+    alias = [2 + 2 * i for i in range(ndim)]
+    spectrum = spectrum.permute(*coarse, 0, 1, *alias)
+    phases = math.prod(stride)
+    full: Tensor = spectrum.reshape(-1, a, b * phases) / math.sqrt(phases)
+    return full
+
+
+def _gram(symbol: Tensor) -> Tensor:
+    """``K^H K`` or ``K K^H``, whichever is smaller, for a batch of matrices."""
+    if symbol.shape[-1] <= symbol.shape[-2]:
+        return symbol.mH @ symbol
+    return symbol @ symbol.mH
+
+
+def _certified_lambda_max(gram: Tensor) -> float:
+    """A certified upper bound of ``max lambda_max`` over a batch of Hermitian PSD matrices."""
+    rank = gram.shape[-1]
+    traces = torch.diagonal(gram, dim1=-2, dim2=-1).real.sum(-1)
+    ceiling = float(traces.max()) if traces.numel() else 0.0
+    if ceiling <= 0:
+        return 0.0
+    if gram.shape[0] * rank**3 <= _EIGVALSH_WORK:
+        # The estimate only sets where the check starts: an accurate one keeps it tight.
+        estimate = float(torch.linalg.eigvalsh(gram)[..., -1].max())
+    else:
+        generator = torch.Generator(device="cpu").manual_seed(0)
+        x = torch.randn(gram.shape[0], rank, 1, generator=generator, dtype=torch.float64)
+        x = x.to(gram.device, gram.dtype)
+        for _ in range(_POWER_STEPS):
+            x = gram @ x
+            x = x / x.norm(dim=-2, keepdim=True).clamp_min(1e-300)
+        estimate = float((x.mH @ gram @ x).real.max())
+    eye = torch.eye(rank, dtype=gram.dtype, device=gram.device)
+    gap = _FIRST_GAP
+    while True:
+        mu = estimate * (1 + gap) + ceiling * 1e-12
+        if mu >= ceiling:
+            return ceiling  # lambda_max <= trace
+        info = torch.linalg.cholesky_ex(mu * (1 - _SAFETY) * eye - gram)[1]
+        if int(info.max()) == 0:
+            return mu
+        gap *= 4
+
+
+def _circulant_norm(
+    weight: Tensor,
+    groups: int,
+    dilation: Sequence[int],
+    grid: Sequence[int],
+    stride: Sequence[int] | None = None,
+) -> float:
+    """Certified bound of the (strided) circular convolution's norm on ``grid``.
+
+    The max over groups (a grouped convolution is a direct sum) and over frequencies.
+    """
+    stride = stride or (1,) * len(grid)
+    blocks = _channel_blocks(weight.detach().to(torch.float64), groups)
+    worst = 0.0
+    for block in blocks:
+        spectrum = _symbol(block, dilation, grid, stride)
+        rank = min(spectrum.shape[1:])
+        chunk = max(1, _CHUNK_ENTRIES // (spectrum.shape[1] * spectrum.shape[2] + rank * rank))
+        for start in range(0, spectrum.shape[0], chunk):
+            worst = max(worst, _certified_lambda_max(_gram(spectrum[start : start + chunk])))
+    return math.sqrt(worst)
+
+
+def _pad_norm(spec: ConvSpec, size: Sequence[int], dtype: torch.dtype) -> float:
+    """``||P||`` of the input padding: sqrt of the most copies of one input entry."""
+    ones = torch.ones(1, 1, *size, dtype=dtype)
+    padded, pullback = _vjp(lambda x: F.pad(x, spec.pad, mode=spec.padding_mode), ones)
+    counts = pullback(torch.ones_like(padded))
+    return math.sqrt(float(counts.max()))
+
+
+def _kernel_extent(weight: Tensor, spec: ConvSpec) -> tuple[int, ...]:
+    return tuple(d * (k - 1) + 1 for k, d in zip(weight.shape[2:], spec.dilation, strict=True))
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _grid_and_factor(
+    spec: ConvSpec, weight: Tensor, size: Sequence[int]
+) -> tuple[tuple[int, ...], tuple[int, ...], float]:
+    """The circular grid and stride that bound the layer on ``size``, and a factor on top.
+
+    Zero padding (and the transposed case, the adjoint of a zero-padded convolution on its
+    output size): any grid of at least ``n + min(padding, extent - 1)`` holds the layer as
+    a restriction; rounded up to a multiple of the stride, the strided rows form a coset.
+    Reflect/replicate: a valid convolution on the padded size, times ``||P||``. Circular:
+    the circulant on ``n`` itself, times ``sqrt(repeats)`` when output rows repeat.
+    """
+    extent = _kernel_extent(weight, spec)
+    pads = spec.total_padding()
+    if spec.transposed or spec.padding_mode == "zeros":
+        base = spec.output_size(size, weight) if spec.transposed else tuple(size)
+        grid = tuple(
+            _round_up(n + min(p, e - 1), s)
+            for n, p, e, s in zip(base, pads, extent, spec.stride, strict=True)
+        )
+        return grid, spec.stride, 1.0
+    if spec.padding_mode == "circular":
+        repeats = 1
+        strides = []
+        for n, p, e, s in zip(size, pads, extent, spec.stride, strict=True):
+            rows = -(-(n + p - e + 1) // n)
+            repeats *= rows
+            strides.append(s if rows == 1 and n % s == 0 else 1)
+        return tuple(size), tuple(strides), math.sqrt(repeats)
+    grid = tuple(_round_up(n + p, s) for n, p, s in zip(size, pads, spec.stride, strict=True))
+    return grid, spec.stride, _pad_norm(spec, size, torch.float64)
+
+
+def matrix_bound(matrix: Tensor) -> float:
+    """Certified upper bound of a matrix's top singular value (float64 Cholesky check)."""
+    m = matrix.detach().to(torch.float64)
+    return math.sqrt(_certified_lambda_max(_gram(m.unsqueeze(0))))
+
+
+def _cheap_bound(weight: Tensor, groups: int) -> float:
+    """``sqrt(taps) * min(||horizontal||, ||vertical||)`` of each group's per-tap matrices.
+
+    ``K(w) = [K_1 ... K_P] diag(e^{i w p}) [I; ...; I]`` and the stacked phases have norm
+    ``sqrt(P)``: valid for every input size (the padding factor aside).
+    """
+    taps = math.prod(weight.shape[2:])
+    blocks = _channel_blocks(weight.detach().to(torch.float64), groups)
+    worst = 0.0
+    for block in blocks:
+        horizontal = block.flatten(1)
+        vertical = block.movedim(1, -1).reshape(-1, block.shape[1])
+        worst = max(worst, min(matrix_bound(horizontal), matrix_bound(vertical)))
+    return math.sqrt(taps) * worst
+
+
+def _pad_factor_1d(mode: str, left: int, right: int, extent: int, n: int) -> float:
+    """The padding factor of one spatial dimension of size ``n`` (0: size not accepted)."""
+    out = n + left + right - extent + 1
+    if (
+        out < 1
+        or (mode == "reflect" and max(left, right) >= n)
+        or (mode == "circular" and max(left, right) > n)
+    ):
+        return 0.0
+    if mode == "circular":
+        return math.sqrt(-(-out // n))
+    ones = torch.ones(1, 1, n, dtype=torch.float64)
+    padded, pullback = _vjp(lambda x: F.pad(x, (left, right), mode=mode), ones)
+    return math.sqrt(float(pullback(torch.ones_like(padded)).max()))
+
+
+def _all_sizes_pad_factor(spec: ConvSpec, weight: Tensor) -> float:
+    """The largest padding factor over every input size (a product over dimensions)."""
+    if spec.transposed or spec.padding_mode == "zeros":
+        return 1.0
+    extent = _kernel_extent(weight, spec)
+    factor = 1.0
+    for i in range(spec.ndim):
+        j = 2 * (spec.ndim - 1 - i)
+        left, right = spec.pad[j], spec.pad[j + 1]
+        # Past this size the left and right pads are apart and the factor stays put.
+        limit = 2 * (left + right + extent[i]) + 2
+        factor *= max(
+            _pad_factor_1d(spec.padding_mode, left, right, extent[i], n)
+            for n in range(1, limit + 1)
+        )
+    return factor
+
+
+def _all_sizes_bound(spec: ConvSpec, weight: Tensor) -> float:
+    """A certified bound valid for every input size."""
+    kernel = weight.shape[2:]
+    degrees = [d * (k - 1) for k, d in zip(kernel, spec.dilation, strict=True)]
+    factor = _all_sizes_pad_factor(spec, weight)
+    cheap = _cheap_bound(weight, spec.groups) * factor
+    if not any(degrees):
+        return cheap  # a 1x1 kernel: one tap, the per-group matrix norm is exact
+    a, b = weight.shape[0] // spec.groups, weight.shape[1]
+    rank = min(a, b)
+    active = sum(1 for m in degrees if m)
+    grid = [1 if m == 0 else math.ceil(active * math.pi * m / _ALL_SIZES_SLACK) for m in degrees]
+    per_frequency = (rank**3 + _POWER_STEPS * rank**2 + a * b * rank + 200) * spec.groups
+    frequencies = math.prod(grid) / 2
+    excess = max(frequencies * per_frequency / _ALL_SIZES_BUDGET, frequencies / _MAX_FREQUENCIES)
+    if excess > 1:
+        scale = excess ** (1 / active)
+        grid = [
+            g if m == 0 else max(2 * m + 1, int(g / scale))
+            for g, m in zip(grid, degrees, strict=True)
+        ]
+    slack = sum(math.pi * m / g for m, g in zip(degrees, grid, strict=True))
+    if slack >= 0.5:
+        return cheap
+    sampled = _circulant_norm(weight, spec.groups, spec.dilation, grid)
+    return min(cheap, sampled / math.sqrt(1 - slack) * factor)
+
+
+def conv_bound(spec: ConvSpec, weight: Tensor, size: Sequence[int] | None) -> float:
+    """Certified upper bound of the operator norm of a convolution (bias aside).
+
+    Args:
+        spec: the layer's functional form.
+        weight: its (effective) weight.
+        size: the input's spatial size, or None for a bound valid on every size.
+
+    Returns:
+        A float that is never below the l2 operator norm (see the module docstring).
+    """
+    if size is None:
+        return _all_sizes_bound(spec, weight)
+    dense = _dense_matrix(spec, weight, size)
+    if dense is not None:
+        return matrix_bound(dense)
+    grid, stride, factor = _grid_and_factor(spec, weight, size)
+    return _circulant_norm(weight, spec.groups, spec.dilation, grid, stride) * factor
+
+
+def _dense_matrix(spec: ConvSpec, weight: Tensor, size: Sequence[int]) -> Tensor | None:
+    """The layer's matrix (float64, ``outputs x inputs``) when it is small, else None."""
+    n_in = spec.in_channels * math.prod(size)
+    out_channels = weight.shape[1] * spec.groups if spec.transposed else weight.shape[0]
+    n_out = out_channels * math.prod(spec.output_size(size, weight))
+    if n_in > _DENSE_LIMIT or n_in * n_out > _DENSE_ENTRIES:
+        return None
+    w = weight.detach().to(torch.float64)
+    basis = torch.eye(n_in, dtype=torch.float64, device=w.device)
+    columns = spec.apply(basis.reshape(n_in, spec.in_channels, *size), w).flatten(1)
+    return columns.mT
+
+
+def operator_norm(
+    spec: ConvSpec, weight: Tensor, size: Sequence[int], *, steps: int = 400, rtol: float = 1e-7
+) -> float:
+    """The operator norm on ``size`` by Lanczos (Golub-Kahan) on the layer and its adjoint.
+
+    Exact (dense SVD) for small layers; otherwise a converged estimate from below (not
+    certified); pair it with :func:`conv_bound`.
+    """
+    w = weight.detach().to(torch.float64)
+    dense = _dense_matrix(spec, w, size)
+    if dense is not None:
+        return float(torch.linalg.matrix_norm(dense, ord=2))
+    apply, adjoint, n = linear_maps(spec, w, size)
+    start = torch.randn(n, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    n_out = int(apply(start).numel())
+    steps = min(steps, n, n_out, _LANCZOS_ENTRIES // (n + n_out))
+    value, _ = lanczos_top(apply, adjoint, steps, 1, start, rtol=rtol)
+    return value
+
+
+def linear_maps(
+    spec: ConvSpec, weight: Tensor, size: Sequence[int]
+) -> tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor], int]:
+    """Flat ``A v``, ``A^T u`` (by ``torch.func.vjp``) and ``dim v`` of the layer on ``size``."""
+    shape = (1, spec.in_channels, *size)
+
+    def apply(v: Tensor) -> Tensor:
+        return spec.apply(v.reshape(shape), weight).flatten()
+
+    out, pullback = _vjp(lambda x: spec.apply(x, weight), weight.new_zeros(shape))
+    out_shape = out.shape
+
+    def adjoint(u: Tensor) -> Tensor:
+        return pullback(u.reshape(out_shape)).flatten()
+
+    return apply, adjoint, math.prod(shape)
+
+
+#: Input-shaped vectors tracked per convolution in operator mode (see the README).
+OPERATOR_BLOCK_SIZE = 4
+# Entries (input + output sizes times steps) a Lanczos run may hold.
+_LANCZOS_ENTRIES = 1 << 25
+
+
+class OperatorNorm(SpectralNorm):
+    """Parametrization dividing a weight by a layer's operator norm or a certified bound.
+
+    Recorded in snapshots as ``kind = "operator"``.
+
+    Used by :func:`snpatch.apply_spectral_norm` for convolutions with ``method="operator"``
+    (``conv`` set) and for every weight with ``certified=True``. For a convolution,
+    ``sigma`` is the l2 operator norm of the convolution (bias aside) on the largest input
+    size seen so far (``_input_size``), tracked by a block power iteration that runs
+    through the layer's functional form and its ``torch.func.vjp`` adjoint, on a block of
+    input-shaped vectors (``_op_block``). The forward divides by ``||A v||`` for the top
+    right vector ``v`` (``_op_v``), differentiably, in training and eval alike. Until an
+    input size is known the weight is normalized as by :class:`SpectralNorm` (the matrix
+    norm, whose state ``_u``, ``_v`` this class keeps too), or, with ``certified``, by a
+    certified bound valid for every input size.
+
+    With ``certified=True`` the value divided by is the certified bound ``_bound``
+    (recomputed at each training forward), while the gradient is that of the estimate.
+
+    Buffers: ``_u``, ``_v`` (matrix state, saved), ``_input_size`` (long, zeros while
+    unknown, saved), ``_op_v`` (``(1, C, *size)``, saved); not saved: ``_block``,
+    ``_sigma``, ``_op_block``, ``_op_sigma``, ``_bound`` (re-fitted after loading).
+
+    Args:
+        weight, dim, lipschitz, mode, n_power_iterations, eps: as for :class:`SpectralNorm`.
+        conv: the layer's functional form, or None for a weight normalized as a matrix.
+        certified: divide by a certified upper bound.
+        input_size: spatial input size, if already known.
+        operator_block_size: input-shaped vectors tracked.
+        converge: estimate the state now (False: placeholders, to be overwritten).
+    """
+
+    kind: ClassVar[str] = "operator"
+    persistent_buffers: ClassVar[frozenset[str]] = frozenset({"_u", "_v", "_input_size", "_op_v"})
+
+    _input_size: Tensor
+    _op_v: Tensor
+    _op_block: Tensor
+    _op_sigma: Tensor
+    _bound: Tensor
+
+    def __init__(
+        self,
+        weight: Tensor,
+        *,
+        dim: int,
+        lipschitz: float,
+        mode: Mode,
+        n_power_iterations: int,
+        eps: float,
+        conv: ConvSpec | None,
+        certified: bool,
+        input_size: Sequence[int] | None = None,
+        block_size: int = BLOCK_SIZE,
+        operator_block_size: int = OPERATOR_BLOCK_SIZE,
+        converge: bool = True,
+    ) -> None:
+        super().__init__(
+            weight,
+            dim=dim,
+            lipschitz=lipschitz,
+            mode=mode,
+            n_power_iterations=n_power_iterations,
+            eps=eps,
+            block_size=block_size,
+            converge=False,
+        )
+        self.conv = conv
+        self.certified = bool(certified)
+        self.operator_block_size = int(operator_block_size)
+        ndim = conv.ndim if conv is not None else 0
+        dtype = self._u.dtype
+        device = self._u.device
+        self.register_buffer("_input_size", torch.zeros(ndim, dtype=torch.long, device=device))
+        channels = conv.in_channels if conv is not None else 0
+        empty = torch.zeros(1, channels, *([0] * ndim), dtype=dtype, device=device)
+        self.register_buffer("_op_v", empty)
+        self.register_buffer("_op_block", empty.clone(), persistent=False)
+        self.register_buffer("_op_sigma", self._u.new_zeros(()), persistent=False)
+        self.register_buffer("_bound", self._u.new_zeros(()), persistent=False)
+        if conv is not None and input_size is not None:
+            self._resize(weight, tuple(int(n) for n in input_size))
+        if converge:
+            self.converge(weight)
+
+    # --- configuration -------------------------------------------------------------
+    def config(self) -> dict[str, object]:
+        """Every option as plain python values; with the buffers it rebuilds this object."""
+        return {
+            **super().config(),
+            "operator_block_size": self.operator_block_size,
+            "certified": self.certified,
+            "conv": None if self.conv is None else tuple(vars(self.conv).values()),
+        }
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], buffers: Mapping[str, Tensor]) -> OperatorNorm:
+        """Rebuild from :meth:`config` and all buffers (input size included), estimating nothing."""
+        norm = super().from_config(config, buffers)
+        assert isinstance(norm, OperatorNorm)
+        conv = config["conv"]
+        norm.conv = None if conv is None else ConvSpec(*conv)
+        norm.certified = bool(config["certified"])
+        norm.operator_block_size = int(config["operator_block_size"])
+        return norm
+
+    @torch.no_grad()
+    def effective_weight(self, weight: Tensor) -> Tensor:
+        """The normalized weight as the eval forward computes it (no iteration step, no grad)."""
+        if not self.certified and self.input_size is None:
+            return super().effective_weight(weight)
+        return self.forward(weight.detach())
+
+    # --- state ---------------------------------------------------------------------
+    @property
+    def input_size(self) -> tuple[int, ...] | None:
+        """The spatial input size the operator norm is for, or None before any input."""
+        if self.conv is None or self._op_v.numel() == 0:
+            return None
+        return tuple(int(n) for n in self._input_size.tolist())
+
+    def _state(self, weight: Tensor) -> Tensor:
+        return weight.detach().to(self._u.dtype)
+
+    def _resize(self, weight: Tensor, size: tuple[int, ...]) -> None:
+        """New, random input-shaped state for ``size`` (estimated by :meth:`converge`)."""
+        assert self.conv is not None
+        out_channels = (
+            weight.shape[1] * self.conv.groups if self.conv.transposed else weight.shape[0]
+        )
+        n_in = self.conv.in_channels * math.prod(size)
+        n_out = out_channels * math.prod(self.conv.output_size(size, weight))
+        k = max(1, min(self.operator_block_size, n_in, n_out))
+        like = self._u
+        shape = (self.conv.in_channels, *size)
+        self._input_size = torch.tensor(size, dtype=torch.long, device=like.device)
+        block = _orthonormal(n_in, k, like).mT.reshape(k, *shape).contiguous()
+        self._op_block = block
+        self._op_v = block[:1].clone()
+
+    def observe(self, weight: Tensor, args: tuple[object, ...]) -> None:
+        """Record the input size of a forward; a larger size is estimated anew (converged)."""
+        if self.conv is None or not args or not isinstance(args[0], Tensor):
+            return
+        size = tuple(int(n) for n in args[0].shape[-self.conv.ndim :])
+        known = self.input_size
+        if known is not None and all(n <= m for n, m in zip(size, known, strict=True)):
+            return
+        if known is not None:
+            size = tuple(max(n, m) for n, m in zip(size, known, strict=True))
+        with torch.no_grad():
+            self._resize(weight, size)
+            self._converge_operator(weight)
+            if self.certified:
+                self._update_bound(weight)
+
+    # --- estimation ----------------------------------------------------------------
+    @torch.no_grad()
+    def converge(self, weight: Tensor) -> None:
+        super().converge(weight)
+        if self.input_size is not None:
+            self._converge_operator(weight)
+        if self.certified:
+            self._update_bound(weight)
+
+    def _maps(
+        self, w: Tensor
+    ) -> tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor], int]:
+        assert self.conv is not None
+        assert self.input_size is not None
+        return linear_maps(self.conv, w, self.input_size)
+
+    def _fit_operator_block(self, w: Tensor) -> None:
+        """Top right Ritz vectors of a Lanczos run on the operator, started from ``_op_v``."""
+        apply, adjoint, n_in = self._maps(w)
+        n_out = int(apply(self._op_v.flatten()).numel())
+        steps = min(_LANCZOS_MAX_STEPS, n_in, n_out, _LANCZOS_ENTRIES // (n_in + n_out))
+        k = self._op_block.shape[0]
+        _, basis = lanczos_top(apply, adjoint, max(steps, 2 * k), k, self._op_v.flatten().clone())
+        self._op_block = basis.mT.reshape(basis.shape[1], *self._op_v.shape[1:]).contiguous()
+
+    def _converge_operator(self, weight: Tensor) -> None:
+        with torch.autocast(weight.device.type, enabled=False):
+            w = self._state(weight)
+            self._fit_operator_block(w)
+            self._operator_step(w)
+
+    def _operator_step(self, w: Tensor) -> None:
+        """One block step: ``A X = Q R1``, ``A^T Q = P R``, ``R = X S Y^T`` (Rayleigh-Ritz)."""
+        assert self.conv is not None
+        conv = self.conv
+        out, pullback = _vjp(lambda x: conv.apply(x, w), self._op_block)
+        left = torch.linalg.qr(out.flatten(1).mT)[0]
+        back = pullback(left.mT.reshape(out.shape))
+        right, tri = torch.linalg.qr(back.flatten(1).mT)
+        x, values, _ = torch.linalg.svd(tri)
+        self._op_v.copy_((right @ x[:, 0]).reshape(self._op_v.shape))
+        self._op_block.copy_(right.mT.reshape(self._op_block.shape))
+        self._op_sigma.copy_(values[0])
+
+    @torch.no_grad()
+    def refit_block(self, weight: Tensor) -> None:
+        """After loading: re-fit the tracked blocks, keep the loaded vectors and size."""
+        super().refit_block(weight)
+        if self.input_size is not None:
+            with torch.autocast(weight.device.type, enabled=False):
+                w = self._state(weight)
+                k = max(1, min(self.operator_block_size, self._op_v.numel()))
+                self._op_block = self._op_v.new_zeros(k, *self._op_v.shape[1:])
+                self._fit_operator_block(w)
+                self._op_sigma.copy_(self._live(w))
+        if self.certified:
+            self._update_bound(weight)
+
+    @torch.no_grad()
+    def power_step(self, weight: Tensor) -> None:
+        if self.input_size is None:
+            super().power_step(weight)
+        else:
+            with torch.autocast(weight.device.type, enabled=False):
+                w = self._state(weight)
+                for _ in range(self.n_power_iterations):
+                    self._operator_step(w)
+                if self.n_power_iterations == 0:
+                    self._op_sigma.copy_(self._live(w))
+        if self.certified:
+            self._update_bound(weight)
+
+    def _update_bound(self, weight: Tensor) -> None:
+        w = weight.detach()
+        if self.conv is None:
+            value = matrix_bound(weight_to_matrix(w, self.dim))
+        else:
+            value = conv_bound(self.conv, w, self.input_size)
+        self._bound.fill_(value)
+
+    def _live(self, w: Tensor) -> Tensor:
+        """What the forward divides by (before certification), differentiable in ``w``."""
+        if self.input_size is not None:
+            assert self.conv is not None
+            # Cloned: a second forward before backward updates the buffers in place.
+            value: Tensor = self.conv.apply(self._op_v.clone(), w).norm()
+            return value
+        return torch.vdot(self._u.clone(), weight_to_matrix(w, self.dim) @ self._v.clone())
+
+    def estimate(self, weight: Tensor) -> float:
+        """The estimate of ``sigma`` for ``weight`` that the forward divides by (uncertified)."""
+        with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
+            return float(self._live(self._state(weight)))
+
+    def forward(self, weight: Tensor) -> Tensor:
+        if not self.certified and self.input_size is None:
+            return super().forward(weight)
+        with torch.autocast(weight.device.type, enabled=False):
+            live = self._live(weight.to(self._u.dtype))
+            bound = self._bound.clone()
+            sigma = live + (bound - live).detach() if self.certified else live
+            return _scaled(weight, _scale(sigma, self.lipschitz, self.mode == "soft", self.eps))
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        # The saved input size may differ from this one's: take the saved shapes.
+        for name in ("_input_size", "_op_v"):
+            incoming = state_dict.get(prefix + name)
+            current = self._buffers[name]
+            if (
+                isinstance(incoming, Tensor)
+                and current is not None
+                and incoming.shape != current.shape
+            ):
+                self._buffers[name] = current.new_zeros(incoming.shape)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> OperatorNorm:
+        super()._apply(fn, recurse)
+        for name in ("_op_v", "_op_block", "_op_sigma", "_bound"):
+            buffer = self._buffers[name]
+            if buffer is not None and buffer.dtype in _LOW_PRECISION:
+                self._buffers[name] = buffer.float()
+        return self
+
+    def extra_repr(self) -> str:
+        size = self.input_size
+        return (
+            super().extra_repr()
+            + f", operator={self.conv is not None}, certified={self.certified}, "
+            f"input_size={size}"
+        )
