@@ -43,3 +43,17 @@ def test_patch_pretrained_quick_exports_and_writes_a_plain_checkpoint(tmp_path: 
     onnx_size = sum(f.stat().st_size for f in tmp_path.glob("resnet18.onnx*"))
     assert onnx_size > 40_000_000  # resnet18's 11.7M float32 weights
     assert (tmp_path / "resnet18-sn-plain.pth").exists()
+
+
+def test_lipschitz_classifier_quick_reports_a_unit_bound_for_the_patched_twin() -> None:
+    out = _run("lipschitz_classifier.py", "--quick")
+    rows = {
+        line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")]
+        for line in out.splitlines()
+        if line.startswith("| plain") or line.startswith("| snpatch")
+    }
+    assert set(rows) == {"plain", "snpatch operator SN"}
+    # Every layer at target 1 and 1-Lipschitz activations: the product of certified
+    # per-layer bounds is 1 (to the bounds' slack).
+    assert 1.0 <= float(rows["snpatch operator SN"][2]) <= 1.02
+    assert float(rows["plain"][2]) > 1.02
