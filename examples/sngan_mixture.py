@@ -66,7 +66,7 @@ class Setting:
 
 
 STANDARD = Setting("standard (lr 2e-4, 1 D step)", 2e-4, 1)
-AGGRESSIVE = Setting("aggressive (lr 1e-3, 5 D steps)", 1e-3, 5)
+AGGRESSIVE = Setting("aggressive (lr 1e-3, 3 D steps)", 1e-3, 3)
 
 
 @dataclass(frozen=True)
@@ -177,9 +177,9 @@ def summarize(results: list[Result]) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a few steps, one seed (seconds)")
-    parser.add_argument("--steps", type=int, default=2000, help="generator steps per run")
-    parser.add_argument("--seeds", type=int, default=3, help="seeds per configuration")
-    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=600, help="generator steps per run")
+    parser.add_argument("--seeds", type=int, default=2, help="seeds per configuration")
+    parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--plot", metavar="PNG", help="save samples side by side (matplotlib)")
     args = parser.parse_args(argv)
     steps, seeds = (20, 1) if args.quick else (args.steps, args.seeds)
@@ -223,7 +223,7 @@ def plot(panels: list[tuple[str, Tensor, Mixture]], path: str) -> None:
         ax.set_ylim(-6, 6)
         ax.set_title(title, fontsize=9)
         ax.set_aspect("equal")
-    fig.suptitle("Aggressive setting (lr 1e-3, 5 D steps), seed 0")
+    fig.suptitle("Aggressive setting (lr 1e-3, 3 D steps), seed 0")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     print(f"saved {path}")
