@@ -147,9 +147,9 @@ class PowerIterationHook:
         # Advance once per training forward: not again when activation checkpointing
         # recomputes the forward during backward, and not under torch.func transforms,
         # which forbid the in-place update (see in_backward_pass, in_functorch_transform).
-        if in_backward_pass() or in_functorch_transform():
-            return
         if not (module.training or self.observes):
+            return  # the common eval case first: no torch._C query per layer
+        if in_backward_pass() or in_functorch_transform():
             return
         norms = list(self.norms(module))
         if self.observes:
