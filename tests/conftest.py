@@ -31,6 +31,11 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+def first_output(out: object) -> torch.Tensor:
+    """A model's output tensor (attention-like modules return a tuple)."""
+    return out if isinstance(out, torch.Tensor) else out[0]  # type: ignore[index, return-value]
+
+
 def exact_sigma(layer: nn.Module) -> dict[str, float]:
     """Top singular value of each (effective) weight of a layer, via dense SVD in float64."""
     out = {}

@@ -14,13 +14,9 @@ from torch import nn
 
 import snpatch
 from snpatch.patch import CheckpointAdapter, PowerIterationHook
-from tests.conftest import ZOO, exact_sigma
+from tests.conftest import ZOO, exact_sigma, first_output
 
 ZooCase = tuple[str, nn.Module, torch.Tensor]
-
-
-def _output(out: object) -> torch.Tensor:
-    return out if isinstance(out, torch.Tensor) else out[0]  # type: ignore[index, return-value]
 
 
 def _full_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -40,9 +36,9 @@ def _assert_same_state(a: nn.Module, b: nn.Module) -> None:
 def _train(model: nn.Module, x: torch.Tensor, optimizer: torch.optim.Optimizer, steps: int) -> None:
     model.train()
     torch.manual_seed(1)  # dropout draws the same masks in twins
-    probe = torch.randn_like(_output(model(x)))
+    probe = torch.randn_like(first_output(model(x)))
     for _ in range(steps):
-        loss = (_output(model(x)) * probe).mean()
+        loss = (first_output(model(x)) * probe).mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -103,7 +99,7 @@ def test_zoo_remove_export_restore_is_bit_exact(zoo_case: ZooCase) -> None:
     model.eval()
     twin.eval()
     with torch.no_grad():
-        expected = _output(twin(x))
+        expected = first_output(twin(x))
 
     snapshot = snpatch.remove_spectral_norm(model)
 
@@ -123,11 +119,11 @@ def test_zoo_remove_export_restore_is_bit_exact(zoo_case: ZooCase) -> None:
     assert list(plain) == list(model.state_dict())
     assert all(torch.equal(plain[k], v) for k, v in model.state_dict().items())
     with torch.no_grad():
-        _assert_same_output(name, _output(model(x)), expected)
+        _assert_same_output(name, first_output(model(x)), expected)
     never_patched.load_state_dict(model.state_dict(), strict=True)
     never_patched.eval()
     with torch.no_grad():
-        _assert_same_output(name, _output(never_patched(x)), expected)
+        _assert_same_output(name, first_output(never_patched(x)), expected)
 
     assert snpatch.restore_spectral_norm(model, snapshot) is model
     assert [id(p) for p in model.parameters()] == param_ids
@@ -138,7 +134,7 @@ def test_zoo_remove_export_restore_is_bit_exact(zoo_case: ZooCase) -> None:
     model.eval()
     twin.eval()
     with torch.no_grad():
-        assert torch.equal(_output(model(x)), _output(twin(x)))
+        assert torch.equal(first_output(model(x)), first_output(twin(x)))
 
 
 def test_remove_from_unpatched_model_returns_empty_snapshot_and_changes_nothing() -> None:
@@ -412,7 +408,7 @@ def _patched_eval(name: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     _train(model, x, torch.optim.SGD(model.parameters(), lr=0.05), 1)
     model.eval()
     with torch.no_grad():
-        expected = _output(model(x))
+        expected = first_output(model(x))
     return model, x, expected
 
 
@@ -423,7 +419,7 @@ def test_torch_export_inside_exported(name: str) -> None:
         program = torch.export.export(model, (x,))
     assert snpatch.is_patched(model)
     assert not any("parametrizations" in k for k in program.state_dict)
-    torch.testing.assert_close(_output(program.module()(x)), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(first_output(program.module()(x)), expected, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["mlp", "conv_transpose2d", "resnet18"])

@@ -13,13 +13,9 @@ from torch.nn.utils import parametrizations, parametrize
 
 import snpatch
 from snpatch.parametrization import weight_to_matrix
-from tests.conftest import exact_sigma
+from tests.conftest import exact_sigma, first_output
 
 ZooCase = tuple[str, nn.Module, torch.Tensor]
-
-
-def _output(out: object) -> torch.Tensor:
-    return out if isinstance(out, torch.Tensor) else out[0]  # type: ignore[index, return-value]
 
 
 def _state_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -62,14 +58,14 @@ def test_zoo_patch_train_eval(zoo_case: ZooCase) -> None:
             assert sigma == pytest.approx(expected, rel=1e-3), (name, layer_name, tensor)
 
     model.train()
-    probe = torch.randn_like(_output(model(x)))
+    probe = torch.randn_like(first_output(model(x)))
     for _ in range(3):
-        loss = (_output(model(x)) * probe).mean()
+        loss = (first_output(model(x)) * probe).mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         assert torch.isfinite(loss)
-    _output(model(x))
+    first_output(model(x))
     for layer_name, layer in layers.items():
         for tensor, sigma in exact_sigma(layer).items():
             assert sigma == pytest.approx(1.5, rel=5e-3), (name, layer_name, tensor)
@@ -77,8 +73,8 @@ def test_zoo_patch_train_eval(zoo_case: ZooCase) -> None:
     model.eval()
     state = _state_buffers(model)
     with torch.no_grad():
-        first = _output(model(x))
-        second = _output(model(x))
+        first = first_output(model(x))
+        second = first_output(model(x))
     assert torch.equal(first, second)  # eval is deterministic
     after = _state_buffers(model)
     assert all(torch.equal(state[k], after[k]) for k in state)  # and changes no buffer
@@ -92,7 +88,7 @@ def test_zoo_training_forward_advances_the_iteration(zoo_case: ZooCase) -> None:
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 1e-2)
     before = _state_buffers(model)
-    _output(model(x))
+    first_output(model(x))
     after = _state_buffers(model)
     changed = {k.rsplit(".", 1)[0] for k in before if not torch.equal(before[k], after[k])}
     norms = {k.rsplit(".", 1)[0] for k in before}
