@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrizations
 
+from .errors import InvalidArgumentError
 from .parametrization import weight_to_matrix
 from .patch import _hook, apply_spectral_norm, layer_targets, parametrization_list, patched_layers
 from .select import select_layers
@@ -175,6 +176,21 @@ def _eval_forward(variant: _Variant, x: Tensor) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
+def _check_forward(model: nn.Module, x: Tensor, *, training: bool) -> None:
+    """Run the unpatched model once (no grad); its failure becomes a one-line error."""
+    model.train(training)
+    try:
+        with torch.no_grad():
+            model(x)
+    except Exception as error:  # any failure of the user's model: report it, don't time it
+        mode = "training" if training else "eval"
+        message = " ".join(str(error).split()) or type(error).__name__
+        raise InvalidArgumentError(
+            f"the unpatched model's {mode} forward fails on an input of shape "
+            f"{tuple(x.shape)}: {message} (try another --batch-size or --image-size)"
+        ) from error
+
+
 def run_bench(
     factory: Callable[[], nn.Module],
     *,
@@ -207,6 +223,8 @@ def run_bench(
     x = example_input(base, batch_size, image_size)
     x_eval = example_input(base, eval_batch_size, image_size)
 
+    _check_forward(base, x, training=True)
+    _check_forward(base, x_eval, training=False)
     models = {name: copy.deepcopy(base) for name in VARIANTS}
     start = time.perf_counter()
     torch_targets = _torch_spectral_norm(models["torch"], names)

@@ -763,6 +763,12 @@ class OperatorNorm(SpectralNorm):
         with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
             return float(self._live(self._state(weight)))
 
+    def cached_weight(self, weight: Tensor) -> Tensor | None:
+        # Only the matrix-norm path (no input size yet, not certified) uses the cache.
+        if self.certified or self.input_size is not None:
+            return None
+        return super().cached_weight(weight)
+
     def forward(self, weight: Tensor) -> Tensor:
         if not self.certified and self.input_size is None:
             return super().forward(weight)

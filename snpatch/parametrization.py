@@ -14,6 +14,8 @@ one vector per step falls behind).
 from __future__ import annotations
 
 import contextlib
+import functools
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, Literal
 
@@ -121,6 +123,83 @@ def _scaled(weight: Tensor, scale: Tensor) -> Tensor:
     return weight * scale.to(weight.dtype)
 
 
+def _reference_counts(grad: Tensor) -> tuple[int, ...]:
+    """Who holds ``grad``: its tensor's, its storage's and its Python object's reference counts.
+
+    Called at the same call depth from :class:`_Normalize`'s backward and from the probe,
+    so that equal counts mean equal holders. For a view, its base's counts too.
+    """
+    storage = torch._C._storage_Use_Count(grad.untyped_storage()._cdata)
+    counts = (grad._use_count(), storage, sys.getrefcount(grad))  # type: ignore[attr-defined]
+    base = grad._base
+    if base is None:
+        return counts
+    return (*counts, base._use_count(), sys.getrefcount(base))  # type: ignore[attr-defined]
+
+
+class _Probe(torch.autograd.Function):
+    """Records :func:`_reference_counts` of the gradient it receives, then scales it in place."""
+
+    counts: ClassVar[list[tuple[int, ...]]] = []
+
+    @staticmethod
+    def forward(ctx: Any, weight: Tensor) -> Tensor:  # the style of _NormalizeEager
+        return weight * 1.0
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        _record_counts(grad)  # the same call depth as _grad_is_private's
+        grad.mul_(2.0)
+        return grad
+
+
+def _record_counts(grad: Tensor) -> None:
+    _Probe.counts.append(_reference_counts(grad))
+
+
+@functools.cache
+def _private_counts() -> frozenset[tuple[int, ...]]:
+    """The reference counts of a gradient that only its consumer holds, by experiment.
+
+    A convolution's weight gradient (a plain tensor) and a linear layer's (a view) are sent
+    through :class:`_Probe`, the way a layer's gradient reaches :class:`_NormalizeEager`; the
+    counts seen there are those of a gradient that nothing else holds. They depend on the
+    torch and Python versions, hence measured, not assumed; and the probe checks that its
+    in-place update reaches the weight's ``.grad`` intact. Empty (never in place) if
+    anything about it fails.
+    """
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            _Probe.counts.clear()
+            weight = torch.ones(2, 1, 1, 1, requires_grad=True)
+            F.conv2d(torch.ones(1, 1, 1, 1), _Probe.apply(weight)).sum().backward()  # type: ignore[no-untyped-call]
+            matrix = torch.ones(2, 3, requires_grad=True)
+            F.linear(torch.ones(1, 3), _Probe.apply(matrix)).sum().backward()  # type: ignore[no-untyped-call]
+            intact = (
+                weight.grad is not None
+                and matrix.grad is not None
+                and bool((weight.grad == 2.0).all())
+                and bool((matrix.grad == 2.0).all())
+            )
+            return frozenset(_Probe.counts) if intact and len(_Probe.counts) == 2 else frozenset()
+    except (AttributeError, RuntimeError, TypeError):
+        return frozenset()
+    finally:
+        _Probe.counts.clear()
+
+
+def _grad_is_private(grad: Tensor) -> bool:
+    """True when nothing but this backward holds ``grad``, so it may be updated in place.
+
+    The autograd engine does the same check (reference counts) before it accumulates
+    gradients in place. A gradient shared with another consumer (``W_eff + delta`` passes
+    one tensor to both branches), kept by a user's hook or captured by
+    ``torch.autograd.grad(..., inputs=[W_eff])`` has higher counts and is left alone.
+    """
+    private = _private_counts()
+    return bool(private) and _reference_counts(grad) in private
+
+
 class _Sigma(torch.autograd.Function):
     """``sigma = u^T W v`` with ``u``, ``v`` constant, returning a precomputed value.
 
@@ -171,30 +250,32 @@ class _Normalize(torch.autograd.Function):
         u: Tensor,
         v: Tensor,
         sigma: Tensor,
+        scale: Tensor,
         lipschitz: float,
         soft: bool,
         eps: float,
         dim: int,
     ) -> Tensor:
-        return _scaled(weight, _scale(sigma, lipschitz, soft, eps))
+        # ``scale`` is _scale(sigma, lipschitz, soft, eps), computed once by the caller.
+        return _scaled(weight, scale)
 
     @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-        weight, u, v, sigma, lipschitz, soft, eps, dim = inputs
-        ctx.save_for_backward(weight, u, v, sigma)
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor | None) -> None:
+        weight, u, v, sigma, scale, lipschitz, soft, eps, dim = inputs
+        ctx.save_for_backward(weight, u, v, sigma, scale)
         ctx.options = (lipschitz, soft, eps, dim)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        weight, u, v, sigma = ctx.saved_tensors
+        weight, u, v, sigma, scale = ctx.saved_tensors
         lipschitz, soft, eps, dim = ctx.options
+        nones = (None,) * 8
         if torch.is_grad_enabled():
             # Double backward: the same formula, from differentiable operations.
             sigma_of_w = _Sigma.apply(weight, u, v, sigma, dim)
             out = _scaled(weight, _scale(sigma_of_w, lipschitz, soft, eps))
             (grad_weight,) = torch.autograd.grad(out, weight, grad, create_graph=True)
-            return grad_weight, None, None, None, None, None, None, None
-        scale = _scale(sigma, lipschitz, soft, eps)
+            return grad_weight, *nones
         # d scale / d sigma = -scale / sigma where the bound is active, else 0 (soft).
         active = sigma > 0
         if soft:
@@ -210,10 +291,16 @@ class _Normalize(torch.autograd.Function):
         ):
             # One pass over the weight: g * scale + coefficient * u v^T (reading the CPU
             # scalar costs no device synchronization; a compiled graph can't read it, and
-            # inductor fuses the general path anyway).
+            # inductor fuses the general path anyway). Written into ``grad`` itself when
+            # nothing else can see it: a fresh weight-sized tensor per layer and step costs
+            # more in page faults than the arithmetic (see _grad_is_private).
+            private = _grad_is_private(grad)  # before any view of grad adds a holder
             matrix = grad.view(grad.shape[0], -1)
+            if private:
+                matrix.addr_(u * coefficient, v, beta=float(scale))
+                return grad, *nones
             fused = torch.addr(matrix, u * coefficient, v, beta=float(scale))
-            return fused.view(grad.shape), None, None, None, None, None, None, None
+            return fused.view(grad.shape), *nones
         grad_weight = _scaled(grad, scale)
         u_scaled = (u * coefficient).to(grad_weight.dtype)
         if dim == 0 and grad_weight.is_contiguous():
@@ -222,7 +309,24 @@ class _Normalize(torch.autograd.Function):
         else:
             rank_one = torch.outer(u_scaled, v.to(grad_weight.dtype))
             grad_weight.add_(_matrix_to_weight(rank_one, grad_weight.shape, dim))
-        return grad_weight, None, None, None, None, None, None, None
+        return grad_weight, *nones
+
+
+class _NormalizeEager(torch.autograd.Function):
+    """:class:`_Normalize` in the ``forward(ctx, ...)`` style, for plain eager training.
+
+    The same forward and backward. torch binds the arguments of a setup_context-style
+    Function with ``inspect.signature`` on every call, which costs more than a small
+    layer's whole normalization; this style skips that. Under torch.func transforms and
+    while compiling, :class:`_Normalize` is used (they need its style).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, *inputs: Any) -> Tensor:  # the arguments of _Normalize.forward
+        _Normalize.setup_context(ctx, inputs, None)
+        return _Normalize.forward(*inputs)
+
+    backward = staticmethod(_Normalize.backward)
 
 
 def _orthonormal(rows: int, cols: int, like: Tensor) -> Tensor:
@@ -480,8 +584,9 @@ class SpectralNorm(nn.Module):
             self._step(matrix)
 
     def _step(self, matrix: Tensor) -> None:
-        block = self._block
-        left = torch.linalg.qr(matrix @ block.mT)[0]
+        # Both products keep the block vectors as rows (k x rows, k x cols): on CPU BLAS
+        # ``linear(B, W) = B W^T`` runs about twice as fast as ``W @ B^T`` for small k.
+        left = torch.linalg.qr(F.linear(self._block, matrix).mT)[0]
         right, tri = torch.linalg.qr((left.mT @ matrix).mT)
         x, values, yh = torch.linalg.svd(tri)
         self._u.copy_(left @ yh[0])
@@ -523,24 +628,30 @@ class SpectralNorm(nn.Module):
             sigma = self.sigma(weight)
         # Cloned: a second forward before backward (D(real), D(fake)) updates the buffers
         # in place, and autograd must see the values this forward used.
-        return _Normalize.apply(  # type: ignore[no-any-return]
+        sigma = sigma.clone()
+        soft = self.mode == "soft"
+        function = _Normalize if functorch or torch.compiler.is_compiling() else _NormalizeEager
+        return function.apply(  # type: ignore[no-any-return]
             weight,
             self._u.clone(),
             self._v.clone(),
-            sigma.clone(),
+            sigma,
+            _scale(sigma, self.lipschitz, soft, self.eps),
             self.lipschitz,
-            self.mode == "soft",
+            soft,
             self.eps,
             self.dim,
         )
 
-    def _cached(self, weight: Tensor) -> Tensor:
-        """The eval-mode normalized weight, from the cache while it is valid."""
-        u, v = self._u, self._v
+    def _cache_key(self, weight: Tensor) -> tuple[object, ...] | None:
+        """What the cached eval weight depends on; None where it can't be validated."""
+        u, v = self._buffers["_u"], self._buffers["_v"]
+        assert u is not None
+        assert v is not None
         if weight.is_inference() or u.is_inference() or v.is_inference():
             # Inference tensors have no version counter to validate a cache with.
-            return self.effective_weight(weight)
-        key = (
+            return None
+        return (
             id(weight),
             weight.data_ptr(),
             weight._version,
@@ -552,6 +663,12 @@ class SpectralNorm(nn.Module):
             self.mode,
             self.eps,
         )
+
+    def _cached(self, weight: Tensor) -> Tensor:
+        """The eval-mode normalized weight, from the cache while it is valid."""
+        key = self._cache_key(weight)
+        if key is None:
+            return self.effective_weight(weight)
         cache = self._cache
         if cache is not None and cache[0] == key:
             return cache[1]
@@ -560,6 +677,27 @@ class SpectralNorm(nn.Module):
             value = self.effective_weight(weight)
         self._cache = (key, value)
         return value
+
+    def cached_weight(self, weight: Tensor) -> Tensor | None:
+        """The cached eval-mode weight if :meth:`forward` would serve it as is, else None.
+
+        Does no work beyond the checks: the patched layer's ``weight`` property asks this
+        first and only goes through ``torch.nn.utils.parametrize`` (whose per-access
+        overhead is several times that of a small layer's eval forward) when it gets None.
+        The conditions are exactly those under which :meth:`forward` serves the cache.
+        """
+        cache = self._cache
+        if (
+            cache is None
+            or torch.compiler.is_compiling()
+            or self.training
+            or not self.eval_cache
+            or (weight.requires_grad and torch.is_grad_enabled())
+            or in_functorch_transform()
+            or cache[0] != self._cache_key(weight)
+        ):
+            return None
+        return cache[1]
 
     def clear_cache(self) -> None:
         """Drop the cached eval-mode weight (needed only after an edit through ``.data``)."""

@@ -358,6 +358,33 @@ def apply_spectral_norm(
     return model
 
 
+def _with_eval_cache(tensor_name: str, parametrized: property) -> property:
+    """``parametrized`` (torch's property for the tensor), serving the eval cache directly.
+
+    ``torch.nn.utils.parametrize`` computes the tensor through two module calls on every
+    access, which costs several times a small layer's whole eval forward. While
+    :meth:`SpectralNorm.cached_weight` has a valid cached weight, this returns it without
+    them; otherwise (training, gradients needed, a stale cache, another parametrization
+    stacked on top) it is torch's property unchanged.
+    """
+    compute = parametrized.fget
+    assert compute is not None
+
+    def get(module: nn.Module) -> Tensor:
+        parametrizations = module._modules["parametrizations"]._modules[tensor_name]  # type: ignore[union-attr]
+        assert isinstance(parametrizations, parametrize.ParametrizationList)
+        stack = parametrizations._modules
+        if len(stack) == 1:
+            norm = stack["0"]
+            if isinstance(norm, SpectralNorm) and not norm.training:
+                cached = norm.cached_weight(parametrizations.original)
+                if cached is not None:
+                    return cached
+        return compute(module)  # type: ignore[no-any-return]
+
+    return property(get, parametrized.fset, parametrized.fdel, parametrized.__doc__)
+
+
 def install(
     layer: nn.Module, targets: Sequence[tuple[str, str]], norms: Sequence[nn.Module]
 ) -> None:
@@ -372,7 +399,9 @@ def install(
         parametrize.register_parametrization(owner, tensor_name, norm, unsafe=True)
         # torch made this class for ``owner`` alone; its default message for pickling
         # doesn't say what to do with a spectrally normalized model.
-        type(owner).__getstate__ = _refuse_pickling  # type: ignore[method-assign]
+        cls = type(owner)
+        cls.__getstate__ = _refuse_pickling  # type: ignore[method-assign]
+        setattr(cls, tensor_name, _with_eval_cache(tensor_name, getattr(cls, tensor_name)))
     observes = any(isinstance(norm, OperatorNorm) for norm in norms)
     layer.register_forward_pre_hook(PowerIterationHook(targets, observes))
     layer.register_load_state_dict_pre_hook(adapter.before_load)  # type: ignore[no-untyped-call]

@@ -88,3 +88,21 @@ def test_bench_bad_input_is_one_line_and_exit_code_2(capsys: pytest.CaptureFixtu
         main(["bench", "mlp", "--steps", "0"])
     assert stopped.value.code == 2
     assert "--steps: must be >= 1, got 0" in capsys.readouterr().err
+
+
+def one_by_one_batchnorm() -> nn.Module:
+    """A model whose training forward fails at batch size 1 (BatchNorm over one value)."""
+    return nn.Sequential(nn.Conv2d(3, 4, 6), nn.Flatten(), nn.BatchNorm1d(4), nn.Linear(4, 2))
+
+
+def test_bench_model_whose_forward_fails_is_one_line_and_exit_code_2(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    argv = ["bench", "tests.test_bench:one_by_one_batchnorm", "--batch-size", "1"]
+    assert main([*argv, "--image-size", "6"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(
+        "snpatch: error: the unpatched model's training forward fails on an input of shape "
+        "(1, 3, 6, 6): Expected more than 1 value per channel when training"
+    )
+    assert len(err.splitlines()) == 1

@@ -203,3 +203,55 @@ def test_eval_under_autocast_serves_the_full_precision_weight() -> None:
         torch.testing.assert_close(weight, expected, rtol=1e-6, atol=0)
     with torch.no_grad():  # the weight cached under autocast, served outside it
         torch.testing.assert_close(layer.weight, expected, rtol=1e-6, atol=0)
+
+
+def test_a_valid_cache_is_served_without_calling_the_parametrization(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    layer = _layer()
+    first = _fill(layer)
+    calls: list[int] = []
+    forward = snpatch.SpectralNorm.forward
+
+    def counting(self: snpatch.SpectralNorm, weight: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        return forward(self, weight)
+
+    monkeypatch.setattr(snpatch.SpectralNorm, "forward", counting)
+    with torch.no_grad():
+        assert layer.weight is first
+        layer(torch.randn(1, 3, 5, 5))
+    assert calls == []
+    # Anything that makes the cache invalid goes through the parametrization again.
+    with torch.no_grad():
+        _original(layer).mul_(2.0)
+        torch.testing.assert_close(layer.weight, _expected(layer), rtol=1e-6, atol=0)
+    assert calls == [1]
+
+
+def test_a_parametrization_stacked_on_top_is_never_skipped() -> None:
+    class Double(nn.Module):
+        def forward(self, weight: torch.Tensor) -> torch.Tensor:
+            return 2.0 * weight
+
+    layer = _layer()
+    _fill(layer)
+    torch.nn.utils.parametrize.register_parametrization(layer, "weight", Double())
+    with torch.no_grad():
+        torch.testing.assert_close(layer.weight, 2.0 * _expected(layer), rtol=1e-6, atol=0)
+
+
+def test_operator_norm_never_serves_the_matrix_estimate_cached_before_the_first_input() -> None:
+    torch.manual_seed(0)
+    layer = snpatch.apply_spectral_norm(nn.Conv2d(2, 3, 3, padding=1), method="operator").eval()
+    norm = _norm(layer)
+    with torch.no_grad():
+        before = layer.weight  # no input size yet: the matrix norm, cached
+    assert norm._cache is not None
+    x = torch.randn(1, 2, 6, 6)
+    with torch.no_grad():
+        out = layer(x)  # records the input size: the operator norm from now on
+        expected = norm(_original(layer))
+        assert not torch.allclose(expected, before)
+        torch.testing.assert_close(layer.weight, expected, rtol=0, atol=0)
+        torch.testing.assert_close(out, nn.functional.conv2d(x, expected, layer.bias, padding=1))
