@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.util
+import math
 import re
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
+
+import torch
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -30,8 +35,43 @@ def test_sngan_mixture_quick_prints_every_configuration(tmp_path: Path) -> None:
         covered, total = cells[3].split("/")
         assert 0 <= float(covered) <= int(total) in (8, 25)
         assert 0 <= float(cells[4].rstrip("%")) <= 100
-    assert sum(line.startswith("| SN ") for line in out.splitlines()) == 4
+    sweep = [line for line in out.splitlines() if line.startswith("| SN ")]
+    assert [line.split("|")[1].strip() for line in sweep] == [
+        "SN hard c=0.5",
+        "SN hard c=1",
+        "SN hard c=2",
+        "SN soft c=1",
+    ]
     assert (tmp_path / "samples.png").stat().st_size > 10_000
+
+
+def _sngan_module() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("sngan_mixture", EXAMPLES / "sngan_mixture.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while it executes
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        del sys.modules[spec.name]
+    return module
+
+
+def test_sngan_mixture_coverage_counts_modes_and_high_quality_samples() -> None:
+    sngan = _sngan_module()
+    grid = sngan.grid()
+    centers = grid.centers
+    assert sngan.coverage(grid, centers.repeat(4, 1)) == (25, 1.0)
+    # Within 3 std of a mode is high quality, beyond is not.
+    near = centers + torch.tensor([2.9 * grid.std, 0.0])
+    far = centers + torch.tensor([3.1 * grid.std, 0.0])
+    modes, quality = sngan.coverage(grid, torch.cat([near, far]))
+    assert (modes, quality) == (25, 0.5)
+    # A mode counts when it holds at least 20% of its fair share (here 8 of 40 samples).
+    collapsed = torch.cat([centers[:1].repeat(1000 - 25 * 7, 1), centers.repeat(7, 1)])
+    assert sngan.coverage(grid, collapsed)[0] == 1
+    assert sngan.coverage(grid, torch.cat([collapsed, centers, centers]))[0] == 25
+    assert sngan.coverage(grid, torch.full((100, 2), math.nan)) == (0, 0.0)
 
 
 def test_patch_pretrained_quick_exports_and_writes_a_plain_checkpoint(tmp_path: Path) -> None:
