@@ -612,18 +612,12 @@ class SpectralNorm(nn.Module):
         PyTorch's version counter: after one in eval mode call :meth:`clear_cache` (or set
         ``eval_cache = False``). Switching to training drops the cache.
         """
+        if self._serves_cache(weight):
+            return self._cached(weight)
         functorch = in_functorch_transform()
         if self.training and not functorch:
             self._cache = None
             sigma = self._sigma
-        elif (
-            not self.training
-            and not functorch
-            and self.eval_cache
-            and not (weight.requires_grad and torch.is_grad_enabled())
-            and not torch.compiler.is_compiling()
-        ):
-            return self._cached(weight)
         else:
             sigma = self.sigma(weight)
         # Cloned: a second forward before backward (D(real), D(fake)) updates the buffers
@@ -684,20 +678,22 @@ class SpectralNorm(nn.Module):
         Does no work beyond the checks: the patched layer's ``weight`` property asks this
         first and only goes through ``torch.nn.utils.parametrize`` (whose per-access
         overhead is several times that of a small layer's eval forward) when it gets None.
-        The conditions are exactly those under which :meth:`forward` serves the cache.
+        The conditions are those of :meth:`forward` (:meth:`_serves_cache`).
         """
         cache = self._cache
-        if (
-            cache is None
-            or torch.compiler.is_compiling()
+        if cache is None or not self._serves_cache(weight) or cache[0] != self._cache_key(weight):
+            return None
+        return cache[1]
+
+    def _serves_cache(self, weight: Tensor) -> bool:
+        """Whether this forward may use the eval cache (see :meth:`forward`)."""
+        return not (
+            torch.compiler.is_compiling()
             or self.training
             or not self.eval_cache
             or (weight.requires_grad and torch.is_grad_enabled())
             or in_functorch_transform()
-            or cache[0] != self._cache_key(weight)
-        ):
-            return None
-        return cache[1]
+        )
 
     def clear_cache(self) -> None:
         """Drop the cached eval-mode weight (needed only after an edit through ``.data``)."""
