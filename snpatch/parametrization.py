@@ -276,12 +276,6 @@ class _Normalize(torch.autograd.Function):
             out = _scaled(weight, _scale(sigma_of_w, lipschitz, soft, eps))
             (grad_weight,) = torch.autograd.grad(out, weight, grad, create_graph=True)
             return grad_weight, *nones
-        # d scale / d sigma = -scale / sigma where the bound is active, else 0 (soft).
-        active = sigma > 0
-        if soft:
-            active = active & (sigma > lipschitz)
-        inner = torch.vdot(grad.flatten().to(sigma.dtype), weight.flatten().to(sigma.dtype))
-        coefficient = torch.where(active, -scale / sigma.clamp_min(eps) * inner, 0.0)
         if (
             dim == 0
             and grad.device.type == "cpu"
@@ -289,18 +283,31 @@ class _Normalize(torch.autograd.Function):
             and grad.is_contiguous()
             and not torch.compiler.is_compiling()
         ):
-            # One pass over the weight: g * scale + coefficient * u v^T (reading the CPU
-            # scalar costs no device synchronization; a compiled graph can't read it, and
-            # inductor fuses the general path anyway). Written into ``grad`` itself when
-            # nothing else can see it: a fresh weight-sized tensor per layer and step costs
-            # more in page faults than the arithmetic (see _grad_is_private).
+            # One pass over the weight: g * scale + coefficient * u v^T, with the scalars
+            # as Python floats (reading CPU scalars costs no device synchronization, and a
+            # small layer's step would otherwise spend more on a dozen 0-dim tensor ops
+            # than on its arithmetic; a compiled graph can't read them, and inductor fuses
+            # the general path anyway). Written into ``grad`` itself when nothing else can
+            # see it: a fresh weight-sized tensor per layer and step costs more in page
+            # faults than the arithmetic (see _grad_is_private).
             private = _grad_is_private(grad)  # before any view of grad adds a holder
+            value, factor = float(sigma), float(scale)
+            alpha = 0.0  # d scale / d sigma * <g, W>: -scale / sigma where the bound is active
+            if value > 0 and not (soft and value <= lipschitz):
+                dot = float(torch.vdot(grad.view(-1), weight.reshape(-1).to(grad.dtype)))
+                alpha = -factor / max(value, eps) * dot
             matrix = grad.view(grad.shape[0], -1)
             if private:
-                matrix.addr_(u * coefficient, v, beta=float(scale))
+                matrix.addr_(u, v, beta=factor, alpha=alpha)
                 return grad, *nones
-            fused = torch.addr(matrix, u * coefficient, v, beta=float(scale))
+            fused = torch.addr(matrix, u, v, beta=factor, alpha=alpha)
             return fused.view(grad.shape), *nones
+        # d scale / d sigma = -scale / sigma where the bound is active, else 0 (soft).
+        active = sigma > 0
+        if soft:
+            active = active & (sigma > lipschitz)
+        inner = torch.vdot(grad.flatten().to(sigma.dtype), weight.flatten().to(sigma.dtype))
+        coefficient = torch.where(active, -scale / sigma.clamp_min(eps) * inner, 0.0)
         grad_weight = _scaled(grad, scale)
         u_scaled = (u * coefficient).to(grad_weight.dtype)
         if dim == 0 and grad_weight.is_contiguous():
@@ -639,24 +646,26 @@ class SpectralNorm(nn.Module):
 
     def _cache_key(self, weight: Tensor) -> tuple[object, ...] | None:
         """What the cached eval weight depends on; None where it can't be validated."""
-        u, v = self._buffers["_u"], self._buffers["_v"]
+        buffers = self._buffers
+        u, v = buffers["_u"], buffers["_v"]
         assert u is not None
         assert v is not None
-        if weight.is_inference() or u.is_inference() or v.is_inference():
-            # Inference tensors have no version counter to validate a cache with.
+        try:
+            return (
+                id(weight),
+                weight.data_ptr(),
+                weight._version,
+                u.data_ptr(),
+                u._version,
+                v.data_ptr(),
+                v._version,
+                self.lipschitz,
+                self.mode,
+                self.eps,
+            )
+        except RuntimeError:
+            # An inference tensor: it has no version counter to validate a cache with.
             return None
-        return (
-            id(weight),
-            weight.data_ptr(),
-            weight._version,
-            u.data_ptr(),
-            u._version,
-            v.data_ptr(),
-            v._version,
-            self.lipschitz,
-            self.mode,
-            self.eps,
-        )
 
     def _cached(self, weight: Tensor) -> Tensor:
         """The eval-mode normalized weight, from the cache while it is valid."""
@@ -687,12 +696,13 @@ class SpectralNorm(nn.Module):
 
     def _serves_cache(self, weight: Tensor) -> bool:
         """Whether this forward may use the eval cache (see :meth:`forward`)."""
+        # Cheapest first: the weight property asks this on every eval access.
         return not (
-            torch.compiler.is_compiling()
-            or self.training
+            self.training
             or not self.eval_cache
             or (weight.requires_grad and torch.is_grad_enabled())
-            or in_functorch_transform()
+            or torch.compiler.is_compiling()
+            or torch._C._are_functorch_transforms_active()
         )
 
     def clear_cache(self) -> None:

@@ -376,8 +376,13 @@ def _with_eval_cache(tensor_name: str, parametrized: property) -> property:
         stack = parametrizations._modules
         if len(stack) == 1:
             norm = stack["0"]
-            if isinstance(norm, SpectralNorm) and not norm.training:
-                cached = norm.cached_weight(parametrizations.original)
+            # Every eval access comes here, so the cheapest tests go first (and
+            # ``original`` is read without Module.__getattr__ where it is a parameter).
+            if isinstance(norm, SpectralNorm) and norm._cache is not None and not norm.training:
+                original = parametrizations._parameters.get("original")
+                cached = norm.cached_weight(
+                    parametrizations.original if original is None else original
+                )
                 if cached is not None:
                     return cached
         return compute(module)  # type: ignore[no-any-return]

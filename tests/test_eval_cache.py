@@ -255,3 +255,17 @@ def test_operator_norm_never_serves_the_matrix_estimate_cached_before_the_first_
         assert not torch.allclose(expected, before)
         torch.testing.assert_close(layer.weight, expected, rtol=0, atol=0)
         torch.testing.assert_close(out, nn.functional.conv2d(x, expected, layer.bias, padding=1))
+
+
+def test_a_layer_built_in_inference_mode_is_normalized_and_never_cached() -> None:
+    # Inference tensors have no version counter: nothing can validate a cached weight.
+    with torch.inference_mode():
+        torch.manual_seed(0)
+        layer = snpatch.apply_spectral_norm(nn.Conv2d(3, 6, 3), lipschitz=1.5).eval()
+        assert _original(layer).is_inference()
+        first = layer.weight
+        _edit_in_place(layer)  # no version counter records it
+        second = layer.weight
+    assert _norm(layer)._cache is None
+    torch.testing.assert_close(second, _expected(layer), rtol=1e-6, atol=0)
+    assert not torch.allclose(first, second)
