@@ -12,6 +12,7 @@ __all__ = [
     "InvalidArgumentError",
     "InvalidArgumentTypeError",
     "NoMatchingLayersError",
+    "ParametrizationRemovedError",
     "SerializationError",
     "SnapshotMismatchError",
     "SnpatchError",
@@ -45,6 +46,14 @@ class UnsupportedLayerError(SnpatchError, TypeError):
     """A selected layer cannot be normalized as it is.
 
     For example: a lazy layer, a weight that is not 2-D or more, another parametrization.
+    """
+
+
+class ParametrizationRemovedError(SnpatchError, RuntimeError):
+    """A patched weight's normalization was removed outside snpatch while its hook stayed.
+
+    For example by ``torch.nn.utils.parametrize.remove_parametrizations``; the message says
+    how to finish the removal.
     """
 
 

@@ -23,6 +23,7 @@ from .errors import AlreadyPatchedError, InvalidArgumentTypeError, SnapshotMisma
 from .operator import OperatorNorm
 from .parametrization import SpectralNorm
 from .patch import (
+    _hook,
     checkpoint_adapter,
     install,
     layer_targets,
@@ -132,9 +133,12 @@ def remove_spectral_norm(
     records: dict[str, dict[str, dict[str, Any]]] = {}
     for name, layer in layers:
         weights = {}
-        for key, norm in spectral_norms(layer).items():
+        hook = _hook(layer)
+        assert hook is not None
+        # A weight whose normalization was removed outside snpatch (torch's
+        # remove_parametrizations) is plain already: only the hook is left to take off.
+        for key, norm, original in hook.norms(layer, removed_ok=True):
             owner, tensor_name = _owner(layer, key)
-            original = parametrization_list(owner, tensor_name).original
             weights[key] = {
                 "kind": norm.kind,
                 "config": norm.config(),
@@ -142,7 +146,8 @@ def remove_spectral_norm(
                 "original": original.detach().clone(),
             }
             plans.append((owner, tensor_name, original, norm.effective_weight(original)))
-        records[name] = weights
+        if weights:
+            records[name] = weights
     orders = {name: checkpoint_adapter(layer) for name, layer in layers}
     with torch.no_grad():
         for owner, tensor_name, original, effective in plans:

@@ -26,6 +26,7 @@ from .errors import (
     AlreadyPatchedError,
     InvalidArgumentError,
     InvalidArgumentTypeError,
+    ParametrizationRemovedError,
     SerializationError,
     UnsupportedLayerError,
 )
@@ -162,13 +163,41 @@ class PowerIterationHook:
         for _, norm, original in norms:
             norm.power_step(original)
 
-    def norms(self, layer: nn.Module) -> Iterator[tuple[str, SpectralNorm, Tensor]]:
-        """``(tensor path, parametrization, original weight)`` for each target of ``layer``."""
+    def norms(
+        self, layer: nn.Module, *, removed_ok: bool = False
+    ) -> Iterator[tuple[str, SpectralNorm, Tensor]]:
+        """``(tensor path, parametrization, original weight)`` for each target of ``layer``.
+
+        Raises:
+            ParametrizationRemovedError: a target's normalization was taken off outside
+                snpatch (unless ``removed_ok``, which skips that target).
+        """
         for path, tensor_name in self.targets:
             owner = layer.get_submodule(path) if path else layer
-            parametrizations = parametrization_list(owner, tensor_name)
             key = f"{path}.{tensor_name}" if path else tensor_name
+            parametrizations = _normalized(owner, tensor_name)
+            if parametrizations is None:
+                if removed_ok:
+                    continue
+                raise ParametrizationRemovedError(
+                    f"the spectral normalization of {type(layer).__name__}'s {key!r} was "
+                    "removed outside snpatch (e.g. by torch.nn.utils.parametrize."
+                    "remove_parametrizations), but snpatch's hook is still on the layer: "
+                    "call snpatch.remove_spectral_norm(model) to take off the rest, then "
+                    "snpatch.apply_spectral_norm to patch again if wanted"
+                )
             yield key, cast(SpectralNorm, parametrizations[0]), parametrizations.original
+
+
+def _normalized(owner: nn.Module, tensor_name: str) -> parametrize.ParametrizationList | None:
+    """``owner``'s parametrization list for ``tensor_name`` if snpatch's norm is its first."""
+    found = getattr(owner, "parametrizations", None)
+    if not isinstance(found, nn.ModuleDict) or tensor_name not in found:
+        return None
+    parametrizations = found[tensor_name]
+    if not isinstance(parametrizations, parametrize.ParametrizationList):
+        return None
+    return parametrizations if isinstance(parametrizations[0], SpectralNorm) else None
 
 
 @dataclass(frozen=True)

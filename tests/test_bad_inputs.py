@@ -221,3 +221,36 @@ def test_update_sigma_needs_a_patched_model() -> None:
 def test_wrapped_model_error_is_a_runtime_error() -> None:
     assert issubclass(snpatch.WrappedModelError, RuntimeError)
     assert issubclass(snpatch.WrappedModelError, SnpatchError)
+
+
+def test_normalization_removed_by_torch_gets_a_clear_error_and_remove_finishes_the_job() -> None:
+    torch.manual_seed(0)
+    model = snpatch.apply_spectral_norm(_model())
+    x = torch.randn(2, 3, 3, 3)
+    parametrize.remove_parametrizations(model[0], "weight")  # torch's, not snpatch's
+    plain_conv = model[0].weight.detach().clone()
+    with pytest.raises(
+        snpatch.ParametrizationRemovedError,
+        match=r"Conv2d's 'weight' was removed outside snpatch.*snpatch.remove_spectral_norm",
+    ):
+        model(x)
+    assert issubclass(snpatch.ParametrizationRemovedError, RuntimeError)
+    with pytest.raises(snpatch.ParametrizationRemovedError):
+        snpatch.spectral_norms(model[0])
+
+    snapshot = snpatch.remove_spectral_norm(model)
+    assert not snpatch.is_patched(model)
+    assert list(snapshot.layers) == ["3"]  # the conv had nothing left to record
+    assert list(model.state_dict()) == ["0.weight", "0.bias", "3.weight", "3.bias"]
+    torch.testing.assert_close(model[0].weight, plain_conv, rtol=0, atol=0)
+    model(x).sum().backward()  # a plain model again, training included
+    snpatch.restore_spectral_norm(model, snapshot)
+    assert list(snpatch.patched_layers(model)) == ["3"]
+
+
+def test_a_foreign_parametrization_in_place_of_snpatchs_is_not_taken_for_it() -> None:
+    model = snpatch.apply_spectral_norm(_model())
+    parametrize.remove_parametrizations(model[3], "weight")
+    parametrizations.orthogonal(model[3])  # someone else's parametrization on the same name
+    with pytest.raises(snpatch.ParametrizationRemovedError, match="Linear's 'weight'"):
+        model(torch.randn(2, 3, 3, 3))
