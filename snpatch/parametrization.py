@@ -111,6 +111,17 @@ def _scale(sigma: Tensor, lipschitz: float, soft: bool, eps: float) -> Tensor:
     A zero weight has ``sigma == 0``: dividing by 1 instead keeps it zero, never NaN, and
     keeps its gradient finite and non-zero so it can still be trained.
     """
+    if (
+        sigma.device.type == "cpu"
+        and not sigma.requires_grad
+        and not torch.compiler.is_compiling()
+        and not torch._C._are_functorch_transforms_active()
+    ):
+        # One CPU scalar (reading it syncs nothing): Python arithmetic in place of six 0-dim
+        # tensor operations, which cost a small layer more than its normalization does.
+        value = float(sigma)
+        factor = lipschitz / max(value, eps) if value > 0 else lipschitz
+        return torch.tensor(min(factor, 1.0) if soft else factor, dtype=sigma.dtype)
     denominator = torch.where(sigma > 0, sigma.clamp_min(eps), torch.ones_like(sigma))
     scale = lipschitz / denominator
     return scale.clamp(max=1.0) if soft else scale
@@ -120,7 +131,7 @@ def _scaled(weight: Tensor, scale: Tensor) -> Tensor:
     if weight.dtype in _LOW_PRECISION:
         # A float16/bfloat16 scale alone would be off by up to 0.4%.
         return (weight.float() * scale).to(weight.dtype)
-    return weight * scale.to(weight.dtype)
+    return weight * (scale if scale.dtype == weight.dtype else scale.to(weight.dtype))
 
 
 def _reference_counts(grad: Tensor) -> tuple[int, ...]:
@@ -623,7 +634,8 @@ class SpectralNorm(nn.Module):
             return self._cached(weight)
         functorch = in_functorch_transform()
         if self.training and not functorch:
-            self._cache = None
+            if self._cache is not None:  # (nn.Module.__setattr__ is slow: not every step)
+                self._cache = None
             sigma = self._sigma
         else:
             sigma = self.sigma(weight)

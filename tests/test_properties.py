@@ -147,3 +147,28 @@ def test_set_lipschitz_retargets_without_losing_state(
     assert torch.equal(norm._v, state[1])
     assert torch.equal(norm._block, state[2])
     assert max(_relative_errors(layer.eval(), second)) <= AFTER_PATCH_RTOL
+
+
+@given(
+    sigma=st.one_of(
+        st.sampled_from([0.0, -1.0, math.inf, 1e-30]),
+        st.floats(min_value=2**-20, max_value=2.0**20, allow_nan=False, width=32),
+    ),
+    lipschitz=targets,
+    soft=st.booleans(),
+)
+def test_the_cpu_scalar_scale_is_the_tensor_formula(
+    sigma: float, lipschitz: float, soft: bool
+) -> None:
+    # On CPU the scale is computed in Python floats; a tensor that requires grad (double
+    # backward), like any CUDA tensor, takes the 0-dim tensor formula. They must agree.
+    from snpatch.parametrization import _scale
+
+    value = torch.tensor(sigma)
+    fast = _scale(value, lipschitz, soft, 1e-12)
+    formula = _scale(value.clone().requires_grad_(), lipschitz, soft, 1e-12).detach()
+    assert fast.dtype == formula.dtype == torch.float32 and fast.shape == ()
+    torch.testing.assert_close(fast, formula, rtol=3e-7, atol=0)
+    if sigma <= 0:
+        expected = torch.tensor(min(lipschitz, 1.0) if soft else lipschitz)  # float32
+        assert torch.equal(fast, expected) and torch.equal(formula, expected)
