@@ -17,7 +17,7 @@ import contextlib
 import functools
 import sys
 from collections.abc import Callable, Mapping
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -604,13 +604,17 @@ class SpectralNorm(nn.Module):
     def _step(self, matrix: Tensor) -> None:
         # Both products keep the block vectors as rows (k x rows, k x cols): on CPU BLAS
         # ``linear(B, W) = B W^T`` runs about twice as fast as ``W @ B^T`` for small k.
-        left = torch.linalg.qr(F.linear(self._block, matrix).mT)[0]
+        # (The buffers are read from ``_buffers``: nn.Module.__getattr__ costs a small
+        # layer's step several microseconds.)
+        state = cast(dict[str, Tensor], self._buffers)
+        block = state["_block"]
+        left = torch.linalg.qr(F.linear(block, matrix).mT)[0]
         right, tri = torch.linalg.qr((left.mT @ matrix).mT)
         x, values, yh = torch.linalg.svd(tri)
-        self._u.copy_(left @ yh[0])
-        self._v.copy_(right @ x[:, 0])
-        self._block.copy_(right.mT)
-        self._sigma.copy_(values[0])
+        state["_u"].copy_(left @ yh[0])
+        state["_v"].copy_(right @ x[:, 0])
+        block.copy_(right.mT)
+        state["_sigma"].copy_(values[0])
 
     def sigma(self, weight: Tensor) -> Tensor:
         """The estimate ``u^T W v`` that the eval forward divides by (no grad)."""
