@@ -115,6 +115,7 @@ def _scale(sigma: Tensor, lipschitz: float, soft: bool, eps: float) -> Tensor:
         sigma.device.type == "cpu"
         and not sigma.requires_grad
         and not torch.compiler.is_compiling()
+        and not torch._C._is_tracing()  # a traced graph must compute it, not hold a constant
         and not torch._C._are_functorch_transforms_active()
     ):
         # One CPU scalar (reading it syncs nothing): Python arithmetic in place of six 0-dim
@@ -718,6 +719,7 @@ class SpectralNorm(nn.Module):
             or not self.eval_cache
             or (weight.requires_grad and torch.is_grad_enabled())
             or torch.compiler.is_compiling()
+            or torch._C._is_tracing()  # a cached tensor would become a constant of the trace
             or torch._C._are_functorch_transforms_active()
         )
 

@@ -204,8 +204,13 @@ def _normalized(owner: nn.Module, tensor_name: str) -> tuple[SpectralNorm, Tenso
     norm = parametrizations._modules.get("0")
     if not isinstance(norm, SpectralNorm):
         return None
+    return norm, original_tensor(parametrizations)
+
+
+def original_tensor(parametrizations: parametrize.ParametrizationList) -> Tensor:
+    """``parametrizations.original``, without nn.Module.__getattr__ where it is a parameter."""
     original = parametrizations._parameters.get("original")
-    return norm, parametrizations.original if original is None else original
+    return parametrizations.original if original is None else original
 
 
 @dataclass(frozen=True)
@@ -413,13 +418,9 @@ def _with_eval_cache(tensor_name: str, parametrized: property) -> property:
         stack = parametrizations._modules
         if len(stack) == 1:
             norm = stack["0"]
-            # Every eval access comes here, so the cheapest tests go first (and
-            # ``original`` is read without Module.__getattr__ where it is a parameter).
+            # Every eval access comes here, so the cheapest tests go first.
             if isinstance(norm, SpectralNorm) and norm._cache is not None and not norm.training:
-                original = parametrizations._parameters.get("original")
-                cached = norm.cached_weight(
-                    parametrizations.original if original is None else original
-                )
+                cached = norm.cached_weight(original_tensor(parametrizations))
                 if cached is not None:
                     return cached
         return compute(module)  # type: ignore[no-any-return]

@@ -458,6 +458,21 @@ def test_still_patched_model_exports_correctly_in_eval_mode() -> None:
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_still_patched_model_traces_the_normalization_not_a_cached_constant() -> None:
+    # torch.jit.trace checks its graph by tracing again under no_grad, where the eval cache
+    # would be served and become a constant: the trace must compute W * c / (u^T W v).
+    model, x, expected = _patched_eval("mlp")
+    with torch.no_grad():
+        model(x)  # the cache is filled
+    traced = torch.jit.trace(model, (x,))
+    with torch.no_grad():
+        torch.testing.assert_close(traced(x), expected, rtol=1e-5, atol=1e-6)
+        for parameter in model.parameters():
+            parameter.mul_(1.5).add_(0.01)
+        torch.testing.assert_close(traced(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
 def test_still_patched_model_refuses_torchscript_and_pickling_with_a_clear_message() -> None:
     model, x, expected = _patched_eval("mlp")
     with pytest.raises(snpatch.SerializationError, match="exported"):
