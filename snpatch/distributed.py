@@ -1,10 +1,12 @@
 """Guards for models that are already wrapped for distributed training.
 
-``DistributedDataParallel`` hooks the gradient accumulator of each parameter when it is
-constructed. Registering a parametrization afterwards replaces those accumulators
-(``torch.nn.utils.parametrize`` re-sets the weight in place), so DDP would stop averaging
-the weights' gradients: an error on the second step, or, with ``find_unused_parameters=True``,
-replicas that silently drift apart. Patching must therefore happen before wrapping.
+``DistributedDataParallel`` collects, when it is constructed, the parameters it averages and
+the buffers it broadcasts from rank 0. The iteration state a patch adds afterwards (``u``,
+``v``, the block, sigma) would never be broadcast, so the ranks' estimates could drift
+apart, and the model's ``state_dict`` would change under DDP's feet. Patching must
+therefore happen before wrapping. (Removing and restoring the normalization of a wrapped
+model, as :func:`snpatch.exported` does, keeps the same parameters, gradient accumulators
+and buffers, and is fine: see tests/test_distributed.py.)
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ def check_not_wrapped(layers: Sequence[tuple[str, nn.Module]]) -> None:
         if any(id(p) in wrapped for p in layer.parameters()):
             raise WrappedModelError(
                 f"layer {name!r} ({type(layer).__name__}) belongs to a model already wrapped in "
-                "DistributedDataParallel, whose gradient hooks patching would detach; call "
-                "apply_spectral_norm(model) before DistributedDataParallel(model)"
+                "DistributedDataParallel, which would never broadcast the iteration state "
+                "patching adds; call apply_spectral_norm(model) before "
+                "DistributedDataParallel(model)"
             )

@@ -8,6 +8,7 @@ that advances the power iteration of those weights in training mode.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 from collections.abc import Iterator, Sequence
@@ -428,6 +429,32 @@ def _with_eval_cache(tensor_name: str, parametrized: property) -> property:
     return property(get, parametrized.fset, parametrized.fdel, parametrized.__doc__)
 
 
+@contextlib.contextmanager
+def _keeping_gradient_accumulators() -> Iterator[None]:
+    """Let torch's ``register_parametrization`` skip ``original.set_(original)``.
+
+    It sets the original tensor to ``right_inverse(original)``, which for snpatch's norms is
+    the tensor itself; but ``set_`` even with itself gives the parameter a new gradient
+    accumulator, and the hooks DistributedDataParallel put on the old one stop firing: after
+    ``exported()`` or remove + restore on a wrapped model, DDP no longer averages (or even
+    sees) those weights' gradients. Any other ``set_`` goes through unchanged.
+    """
+    maybe_set = getattr(parametrize, "_maybe_set", None)
+    if maybe_set is None:  # a torch without it: nothing to keep
+        yield
+        return
+
+    def set_unless_same(dest: Tensor, src: Tensor) -> None:
+        if dest is not src:
+            maybe_set(dest, src)
+
+    parametrize._maybe_set = set_unless_same
+    try:
+        yield
+    finally:
+        parametrize._maybe_set = maybe_set
+
+
 def install(
     layer: nn.Module, targets: Sequence[tuple[str, str]], norms: Sequence[nn.Module]
 ) -> None:
@@ -439,7 +466,8 @@ def install(
     for (path, tensor_name), norm in zip(targets, norms, strict=True):
         owner = layer.get_submodule(path) if path else layer
         adapter.tensor_order.setdefault(path, (*owner._parameters, *owner._buffers))
-        parametrize.register_parametrization(owner, tensor_name, norm, unsafe=True)
+        with _keeping_gradient_accumulators():
+            parametrize.register_parametrization(owner, tensor_name, norm, unsafe=True)
         # torch made this class for ``owner`` alone; its default message for pickling
         # doesn't say what to do with a spectrally normalized model.
         cls = type(owner)

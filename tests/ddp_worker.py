@@ -78,6 +78,23 @@ def run(
     return state(model)
 
 
+def exported_midway(rank: int) -> dict[str, torch.Tensor]:
+    """Patch, wrap, train a step, take a plain checkpoint inside ``exported``, train on: the
+    restored model must keep DDP averaging its gradients (same result as no export)."""
+    torch.manual_seed(MODEL_SEED + rank)
+    model = snpatch.apply_spectral_norm(make_model())
+    ddp = DistributedDataParallel(model)
+    x, y = make_batch()
+    shard = slice(rank * BATCH // 2, (rank + 1) * BATCH // 2)
+    train(ddp, x[shard], y[shard], steps=1)
+    with snpatch.exported(model):
+        checkpoint = {k: v.clone() for k, v in model.state_dict().items()}
+    train(ddp, x[shard], y[shard], steps=STEPS - 1)
+    found = state(model)
+    found["checkpoint_keys"] = torch.tensor(list(" ".join(sorted(checkpoint)).encode()))
+    return found
+
+
 def _message(error: Exception) -> torch.Tensor:
     return torch.tensor(list(f"{type(error).__name__}: {error}".encode()))
 
@@ -139,6 +156,8 @@ def scenario(name: str, rank: int) -> dict[str, torch.Tensor]:
             return run(rank, True, lambda m: DistributedDataParallel(m, broadcast_buffers=False))
         if name == "forward_sync_buffers_false":
             return run(rank, True, lambda m: DistributedDataParallel(m, forward_sync_buffers=False))
+        if name == "exported_midway":
+            return exported_midway(rank)
         if name == "patch_after_wrap":
             return patch_after_wrap(rank)
         if name.startswith("compiled_"):

@@ -90,6 +90,7 @@ SCENARIOS = [
     "broadcast_buffers_false_seed_per_rank",
     "forward_sync_buffers_false",
     "patch_after_wrap",
+    "exported_midway",
     "compiled_aot_eager",
 ]
 
@@ -149,6 +150,17 @@ def test_ddp_broadcast_buffers_false_needs_identically_patched_ranks(
     assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in params)
     vectors = [k for k in ranks[0] if k.endswith(("._u", "._v"))]
     assert not all(torch.equal(ranks[0][k], ranks[1][k]) for k in vectors)
+
+
+def test_ddp_training_goes_on_identically_after_exporting_midway(ranks: list[Results]) -> None:
+    # exported() removes and restores the parametrizations of the wrapped model: DDP must
+    # keep averaging the gradients of the restored weights, so the ranks (different shards)
+    # stay identical and equal to one process that never exported.
+    states = [rank["exported_midway"] for rank in ranks]
+    for found in states:
+        keys = _message(found.pop("checkpoint_keys")).split()
+        assert keys == ["0.bias", "0.weight", "3.bias", "3.weight", "5.bias", "5.weight"]
+    _assert_ranks_identical_and_equal_to_reference(states)
 
 
 def test_ddp_patching_after_wrapping_is_refused_and_changes_nothing(ranks: list[Results]) -> None:

@@ -137,6 +137,23 @@ def test_zoo_remove_export_restore_is_bit_exact(zoo_case: ZooCase) -> None:
         assert torch.equal(first_output(model(x)), first_output(twin(x)))
 
 
+def test_remove_and_restore_keep_each_weights_gradient_accumulator() -> None:
+    # DistributedDataParallel hooks the AccumulateGrad node of each parameter once, at
+    # wrapping; a restore that gave a weight a new node would silently detach it from DDP
+    # (tests/test_distributed.py checks that end to end).
+    model = snpatch.apply_spectral_norm(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten()))
+    weight = model[0].parametrizations.weight.original
+    accumulator = (weight * 1).grad_fn.next_functions[0][0]
+    fired: list[bool] = []
+    accumulator.register_hook(lambda *args: fired.append(True))
+    with snpatch.exported(model):
+        pass
+    snpatch.restore_spectral_norm(model, snpatch.remove_spectral_norm(model))
+    model(torch.randn(2, 3, 5, 5)).sum().backward()
+    assert fired == [True]
+    assert (weight * 1).grad_fn.next_functions[0][0] is accumulator
+
+
 def test_remove_from_unpatched_model_returns_empty_snapshot_and_changes_nothing() -> None:
     model = nn.Sequential(nn.Linear(3, 3))
     before = copy.deepcopy(model.state_dict())
