@@ -473,6 +473,8 @@ class SpectralNorm(nn.Module):
 
     #: Serve the eval-mode weight from a cache (see :meth:`forward`); False recomputes it.
     eval_cache: bool = True
+    #: The weight (identity, storage, version) the state was last advanced for.
+    _stepped_for: tuple[int, int, int] | None = None
 
     def __init__(
         self,
@@ -591,6 +593,35 @@ class SpectralNorm(nn.Module):
             basis = _lanczos_subspace(matrix, k, self._block[0].clone())
         self._block.copy_(basis.mT)
 
+    def advance(self, weight: Tensor) -> None:
+        """Advance the iteration once for each new value of ``weight``; then do nothing.
+
+        Called in training mode by the layer's forward pre-hook and by :meth:`forward`,
+        which runs wherever the weight is read (``layer.weight``, ``F.linear(x,
+        layer.weight)`` from a parent module, a tied or shared weight). A new value is told
+        by the tensor's identity, storage and version counter, which every in-place update
+        (``optimizer.step()``, ``load_state_dict``, ``model.to()``) changes, so each weight
+        is stepped once per training step however often the step reads it (``D(real)``,
+        ``D(fake)``, a gradient penalty). Edits through ``.data`` bypass the version
+        counter: call :func:`snpatch.update_sigma` after one. Not while activation
+        checkpointing recomputes a forward in backward, nor under ``torch.func``
+        transforms (no state may change there); while ``torch.compile`` traces, the
+        pre-hook steps at every training forward (a version counter can't be guarded on
+        without a recompilation per step).
+        """
+        if in_backward_pass() or in_functorch_transform():
+            return
+        if torch.compiler.is_compiling():
+            self.power_step(weight)
+            return
+        try:
+            key = (id(weight), weight.data_ptr(), weight._version)
+        except RuntimeError:  # an inference tensor has no version counter: always step
+            key = None
+        if key is None or key != self._stepped_for:
+            self.power_step(weight)
+            self._stepped_for = key
+
     def power_step(self, weight: Tensor) -> None:
         """Advance the iteration ``n_power_iterations`` steps for the current ``weight``."""
         with torch.no_grad(), _full_precision(weight):
@@ -641,6 +672,8 @@ class SpectralNorm(nn.Module):
         if self.training and not functorch:
             if self._cache is not None:  # (nn.Module.__setattr__ is slow: not every step)
                 self._cache = None
+            if not torch.compiler.is_compiling():  # compiled: the pre-hook steps
+                self.advance(weight)
             sigma = self._sigma
         else:
             sigma = self.sigma(weight)

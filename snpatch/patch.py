@@ -162,7 +162,7 @@ class PowerIterationHook:
         if not module.training:
             return
         for _, norm, original in norms:
-            norm.power_step(original)
+            norm.advance(original)
 
     def norms(
         self, layer: nn.Module, *, removed_ok: bool = False
@@ -742,17 +742,20 @@ def set_lipschitz(
 def update_sigma(model: T_module, steps: int | None = None) -> T_module:
     """Bring the sigma estimate of every patched layer up to date with its current weights.
 
-    The power iteration normally advances in each training forward. Call this where the
-    weights change without one: after ``AveragedModel.update_parameters`` (EMA, SWA), whose
-    copy of the iteration state is otherwise stale (or, with ``use_buffers=True``, averaged
-    into non-unit vectors); after editing weights in place; before computing per-sample
-    gradients with ``torch.func``, where a training forward cannot update the state.
+    The power iteration normally advances once for each new value of a weight, at the first
+    training-mode read of it. Call this where the weights change without one: after
+    ``AveragedModel.update_parameters`` (EMA, SWA), whose copy of the iteration state is
+    otherwise stale (or, with ``use_buffers=True``, averaged into non-unit vectors); after
+    editing weights through ``.data`` (which bypasses the version counter that tells a new
+    value); before computing per-sample gradients with ``torch.func``, where a training
+    forward cannot update the state.
 
     Args:
         model: a model (or a module containing layers) patched by :func:`apply_spectral_norm`.
         steps: None re-estimates exactly, as :func:`apply_spectral_norm` does (an
-            eigendecomposition per weight); an int >= 1 advances the iteration as that many
-            training forwards would (cheap; enough when the weights moved a little).
+            eigendecomposition per weight); an int >= 1 advances the iteration that many
+            steps, as that many weight updates would (cheap; enough when the weights moved
+            a little).
 
     Returns:
         ``model`` itself.
