@@ -1,0 +1,92 @@
+"""The CUDA code path, audited on the CPU with fake CUDA tensors (see snpatch.audit).
+
+A synchronizing op stalls the GPU pipeline once per layer and step; these tests say which
+paths are free of them. Those marked xfail are issue 14's open work: strict, so they fail
+the day they start passing and must then become plain tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import snpatch
+from snpatch.audit import SYNCHRONIZING_OPS, audit_backward, ops_per_weight, synchronizing_ops
+
+MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
+    "mlp": (lambda: nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3)), (4, 6)),
+    "conv": (
+        lambda: nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1, groups=1),
+            nn.ReLU(),
+            nn.Conv2d(8, 8, 3, stride=2, groups=4, dilation=1),
+            nn.ConvTranspose2d(8, 4, 3, stride=2),
+        ),
+        (2, 3, 8, 8),
+    ),
+    "attention": (lambda: nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), (2, 5, 16)),
+    "resnet18": (lambda: torchvision.models.resnet18(weights=None, num_classes=10), (2, 3, 32, 32)),
+}
+
+
+def _operator(model: nn.Module) -> object:
+    return snpatch.apply_spectral_norm(
+        model, method="operator", example_inputs=(torch.randn(1, 3, 8, 8),)
+    )
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_eval_forward_never_synchronizes(name: str) -> None:
+    build, shape = MODELS[name]
+    assert synchronizing_ops(build, snpatch.apply_spectral_norm, shape, training=False) == set()
+
+
+def test_the_audit_sees_a_synchronizing_op() -> None:
+    # The audit itself must be able to fail: a layer that reads a value on the host.
+    class ReadsScale(nn.Linear):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x) * float(self.weight.detach().abs().max())
+
+    found = synchronizing_ops(lambda: ReadsScale(4, 4), None, (2, 4), training=False)
+    assert found == {"_local_scalar_dense"}
+
+
+@pytest.mark.parametrize(("shape", "dim"), [((16, 8), 0), ((8, 4, 3, 3), 0), ((4, 8, 3, 3), 1)])
+@pytest.mark.parametrize("soft", [False, True])
+def test_backward_of_the_normalization_never_synchronizes(
+    shape: tuple[int, ...], dim: int, soft: bool
+) -> None:
+    ops = audit_backward(shape, dim=dim, soft=soft)
+    assert ops.total() > 0
+    assert set(ops) & SYNCHRONIZING_OPS == set()
+
+
+@pytest.mark.xfail(strict=True, reason="issue 14: the block step's SVD of R synchronizes")
+@pytest.mark.parametrize("name", ["mlp", "resnet18"])
+def test_training_forward_never_synchronizes(name: str) -> None:
+    build, shape = MODELS[name]
+    assert synchronizing_ops(build, snpatch.apply_spectral_norm, shape, training=True) == set()
+
+
+@pytest.mark.xfail(strict=True, reason="issue 14: operator mode reads its input size on the host")
+@pytest.mark.parametrize("training", [False, True])
+def test_operator_mode_never_synchronizes(training: bool) -> None:
+    build, shape = MODELS["conv"]
+    assert synchronizing_ops(build, _operator, shape, training=training) == set()
+
+
+def _torch_spectral_norm(model: nn.Module) -> None:
+    for name in snpatch.select_layers(model):
+        torch.nn.utils.parametrizations.spectral_norm(model.get_submodule(name))
+
+
+@pytest.mark.xfail(strict=True, reason="issue 14: 31 aten ops per weight against torch's 17")
+def test_training_forward_costs_no_more_ops_per_weight_than_torch() -> None:
+    build, shape = MODELS["resnet18"]
+    ours = ops_per_weight(build, snpatch.apply_spectral_norm, shape, 21, training=True)
+    theirs = ops_per_weight(build, _torch_spectral_norm, shape, 21, training=True)
+    assert ours <= theirs
