@@ -1,0 +1,159 @@
+"""Is the bound held at every step? The tracking engine's acceptance runs (issue 14).
+
+Each case is a training regime users run. At every step the weights the training forward
+used are read back (inside ``torch.nn.utils.parametrize.cached()``, so the reading is the
+very tensor the forward used and no extra iteration runs) and their exact sigma is taken
+in float64. Reported per case and variant: the worst |sigma / c - 1| over all patched
+weights and steps, where it happened, and how many weights were ever more than 0.5% off.
+
+    python benchmarks/tracking.py [--cases resnet18-adam swin_t-adam] [--variants snpatch torch]
+
+Cases (issue 14's reproductions):
+    resnet18-adam      resnet18, Adam lr 2e-4, one fixed batch of 8 x 32x32, 20 steps
+    resnet18-adam1e-3  the same at lr 1e-3
+    resnet18-sgd       resnet18, SGD lr 0.1 momentum 0.9, random batches, 20 steps
+    mobilenet-adam     mobilenet_v3_small, Adam lr 1e-3, random batches of 8 x 64x64, 10 steps
+                       (its classifier.0 starts at N(0, 0.01) and moves ~10% per step)
+    swin_t-adam        swin_t, Adam lr 2e-4, random batches of 2 x 64x64, 15 steps (attention
+                       reads ``qkv.weight`` and ``proj.weight`` with ``F.linear`` from the block)
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torchvision
+from torch import Tensor, nn
+from torch.nn.utils import parametrizations, parametrize
+
+import snpatch
+from snpatch.parametrization import weight_to_matrix
+from snpatch.patch import layer_targets
+
+
+@dataclass(frozen=True)
+class Case:
+    model: Callable[[], nn.Module]
+    optimizer: Callable[[Iterator[nn.Parameter]], torch.optim.Optimizer]
+    batch: tuple[int, ...]
+    steps: int
+    fixed_batch: bool
+
+
+def _vision(name: str) -> Callable[[], nn.Module]:
+    return lambda: torchvision.models.get_model(name, weights=None, num_classes=10)
+
+
+CASES = {
+    "resnet18-adam": Case(
+        _vision("resnet18"), lambda p: torch.optim.Adam(p, lr=2e-4), (8, 3, 32, 32), 20, True
+    ),
+    "resnet18-adam1e-3": Case(
+        _vision("resnet18"), lambda p: torch.optim.Adam(p, lr=1e-3), (8, 3, 32, 32), 20, True
+    ),
+    "resnet18-sgd": Case(
+        _vision("resnet18"),
+        lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
+        (8, 3, 32, 32),
+        20,
+        False,
+    ),
+    "mobilenet-adam": Case(
+        _vision("mobilenet_v3_small"),
+        lambda p: torch.optim.Adam(p, lr=1e-3),
+        (8, 3, 64, 64),
+        10,
+        False,
+    ),
+    "swin_t-adam": Case(
+        _vision("swin_t"), lambda p: torch.optim.Adam(p, lr=2e-4), (2, 3, 64, 64), 15, False
+    ),
+}
+
+
+def _torch_spectral_norm(model: nn.Module) -> dict[str, tuple[nn.Module, str, int]]:
+    """torch's parametrizations.spectral_norm on the layers snpatch would patch."""
+    targets = {}
+    for name in snpatch.select_layers(model):
+        layer = model.get_submodule(name)
+        for target in layer_targets(layer):
+            owner = layer.get_submodule(target.path) if target.path else layer
+            parametrizations.spectral_norm(owner, target.tensor_name, dim=target.dim)
+            key = ".".join(p for p in (name, target.path, target.tensor_name) if p)
+            targets[key] = (owner, target.tensor_name, target.dim)
+    return targets
+
+
+def _snpatch(model: nn.Module) -> dict[str, tuple[nn.Module, str, int]]:
+    snpatch.apply_spectral_norm(model)
+    targets = {}
+    for name, layer in snpatch.patched_layers(model).items():
+        for key, norm in snpatch.spectral_norms(layer).items():
+            path, _, tensor_name = key.rpartition(".")
+            owner = layer.get_submodule(path) if path else layer
+            targets[f"{name}.{key}" if name else key] = (owner, tensor_name, norm.dim)
+    return targets
+
+
+def _exact_sigma(weight: Tensor, dim: int) -> float:
+    return float(torch.linalg.svdvals(weight_to_matrix(weight.detach().double(), dim))[0])
+
+
+def run(case: Case, variant: str) -> tuple[float, str, int, int]:
+    """(worst error, its weight, its step, weights ever > 0.5% off) of one training run."""
+    torch.manual_seed(1)
+    model = case.model()
+    targets = _snpatch(model) if variant == "snpatch" else _torch_spectral_norm(model)
+    optimizer = case.optimizer(model.parameters())
+    generator = torch.Generator().manual_seed(2)
+    fixed = torch.randn(case.batch, generator=generator)
+    labels = torch.randint(0, 10, (case.batch[0],), generator=generator)
+    model.train()
+    worst, where, when, off = 0.0, "", -1, set()
+    for step in range(case.steps):
+        if case.fixed_batch:
+            x, y = fixed, labels
+        else:
+            x = torch.randn(case.batch, generator=generator)
+            y = torch.randint(0, 10, (case.batch[0],), generator=generator)
+        with parametrize.cached():
+            loss = nn.functional.cross_entropy(model(x), y)
+            with torch.no_grad():
+                used = {key: getattr(o, n).clone() for key, (o, n, _) in targets.items()}
+        for key, weight in used.items():
+            error = abs(_exact_sigma(weight, targets[key][2]) - 1.0)
+            if error > 5e-3:
+                off.add(key)
+            if error > worst:
+                worst, where, when = error, key, step
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return worst, where, when, len(off)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--variants", nargs="+", default=["snpatch", "torch"])
+    args = parser.parse_args()
+    print("| case | variant | worst abs(sigma/c - 1) | where (step) | weights > 0.5% | time |")
+    print("|---|---|---|---|---|---|")
+    for name in args.cases:
+        for variant in args.variants:
+            start = time.perf_counter()
+            worst, where, when, off = run(CASES[name], variant)
+            seconds = time.perf_counter() - start
+            print(
+                f"| {name} | {variant} | {100 * worst:.3f}% | {where} ({when}) | {off} "
+                f"| {seconds:.0f} s |",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
