@@ -33,7 +33,14 @@ from .errors import (
 )
 from .operator import ConvSpec, OperatorNorm, is_conv
 from .parametrization import Mode, SpectralNorm, in_backward_pass, in_functorch_transform
-from .select import LayerFilter, Pattern, check_model, resolve_selection, select_from
+from .select import (
+    LayerFilter,
+    Pattern,
+    check_model,
+    linear_like_dim,
+    resolve_selection,
+    select_from,
+)
 
 __all__ = [
     "PowerIterationHook",
@@ -231,7 +238,9 @@ def layer_targets(module: nn.Module) -> list[LayerTarget]:
             else ["q_proj_weight", "k_proj_weight", "v_proj_weight"]
         )
         return [LayerTarget("", name, 0) for name in names] + [LayerTarget("out_proj", "weight", 0)]
-    dim = 1 if isinstance(module, nn.modules.conv._ConvTransposeNd) else 0
+    dim = linear_like_dim(module)
+    if dim is None:
+        dim = 1 if isinstance(module, nn.modules.conv._ConvTransposeNd) else 0
     return [LayerTarget("", "weight", dim)]
 
 
@@ -320,7 +329,12 @@ def apply_spectral_norm(
     ``weight`` reparametrized as ``weight * lipschitz / sigma`` (``mode="hard"``) or
     ``weight / max(1, sigma / lipschitz)`` (``mode="soft"``), where ``sigma`` is the top
     singular value of the weight viewed as a matrix. ``nn.MultiheadAttention`` gets the
-    same on ``in_proj_weight`` (or ``q/k/v_proj_weight``) and ``out_proj.weight``.
+    same on ``in_proj_weight`` (or ``q/k/v_proj_weight``) and ``out_proj.weight``, and so
+    do the linear layers of :data:`snpatch.LINEAR_LIKE_LAYERS` (transformers' ``Conv1D``,
+    with ``dim=1``). Patching the whole model (``include`` and ``layer_types`` None) warns
+    with a :class:`~snpatch.SnpatchWarning` naming each other layer with a weight of 2 or
+    more dimensions that stays unnormalized (``nn.Embedding`` aside); an exclude name
+    pattern matching such a layer silences it.
 
     The original weight stays the same ``Parameter`` object (at
     ``layer.parametrizations.weight.original``), so an optimizer built before keeps
@@ -338,7 +352,8 @@ def apply_spectral_norm(
         mode: ``"hard"`` or ``"soft"``.
         n_power_iterations: block power-iteration steps per training forward (>= 0).
         eps: lower bound on ``sigma`` in the division (>= 0).
-        layer_types: eligible layer classes (default :data:`snpatch.DEFAULT_LAYER_TYPES`).
+        layer_types: eligible layer classes (default :data:`snpatch.DEFAULT_LAYER_TYPES` and
+            the layers of :data:`snpatch.LINEAR_LIKE_LAYERS`).
         method: ``"matrix"`` (the kernel viewed as a matrix, torch's convention) or
             ``"operator"``: convolutions are divided by their l2 operator norm on the
             largest input size they have received (see :class:`snpatch.OperatorNorm`);
