@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal, TypeVar
@@ -29,6 +30,7 @@ from .errors import (
     InvalidArgumentTypeError,
     ParametrizationRemovedError,
     SerializationError,
+    SnpatchWarning,
     UnsupportedLayerError,
 )
 from .operator import ConvSpec, OperatorNorm, is_conv
@@ -541,11 +543,16 @@ class CheckpointAdapter:
 
     After loading, each weight whose ``u``/``v`` came from the checkpoint keeps them (eval
     outputs are exactly those saved) and only the tracked block is re-fitted; a weight
-    loaded without them is re-estimated to full accuracy.
+    loaded without them is re-estimated to full accuracy. So is a non-zero weight whose
+    loaded vectors give ``u^T W v <= 0`` (vectors never iterated for this weight, as in a
+    legacy ``torch.nn.utils.spectral_norm`` model saved before any training forward): torch
+    divides by that value, which flips the weight's sign and bounds nothing; snpatch warns
+    (:class:`~snpatch.SnpatchWarning`) and normalizes the loaded weight properly instead.
     """
 
     def __init__(self) -> None:
         self.pending: set[str] = set()
+        self.prefix = ""  # the layer's state_dict prefix in the last load (for messages)
         # Each owner's parameter and buffer names before patching, by path in the layer:
         # removal puts ``weight`` back in its place (parameters() and state_dict order).
         self.tensor_order: dict[str, tuple[str, ...]] = {}
@@ -560,6 +567,7 @@ class CheckpointAdapter:
         hook = _hook(layer)
         if hook is None:
             return
+        self.prefix = prefix
         for key, norm, _ in hook.norms(layer):
             path, _, tensor_name = key.rpartition(".")
             base = f"{prefix}{path}." if path else prefix
@@ -604,8 +612,29 @@ class CheckpointAdapter:
         for key, norm, original in hook.norms(layer):
             if key in pending:
                 norm.converge(original)
+                continue
+            divisor = _loaded_divisor(norm, original)
+            if divisor is not None and divisor <= 0 and bool(original.detach().ne(0).any()):
+                norm.converge(original)
+                warnings.warn(
+                    f"load_state_dict: the checkpoint's u and v for {self.prefix + key!r} give "
+                    f"u^T W v = {divisor:.4g} <= 0: they were never iterated for this weight "
+                    "(e.g. a torch.nn.utils.spectral_norm model saved before any training "
+                    "forward). torch divides the weight by that value, which flips its sign "
+                    "and bounds nothing; snpatch re-estimated u and v for the loaded weight "
+                    "instead, so eval outputs differ from those of the saved model",
+                    SnpatchWarning,
+                    stacklevel=2,
+                )
             else:
                 norm.refit_block(original)
+
+
+def _loaded_divisor(norm: SpectralNorm, original: Tensor) -> float | None:
+    """``u^T W v`` where the eval forward divides by it (None where it divides by another)."""
+    if isinstance(norm, OperatorNorm) and (norm.certified or norm.input_size is not None):
+        return None
+    return float(norm.sigma(original))
 
 
 def _build(

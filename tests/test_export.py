@@ -376,6 +376,7 @@ def test_mixed_checkpoint_loads_layer_by_layer() -> None:
     plain = _built_net()
     legacy = copy.deepcopy(plain)
     torch.nn.utils.spectral_norm(legacy[2], dim=1)
+    legacy.train()(torch.randn(1, 3, 6, 6, dtype=torch.float64))  # iterated, as trained ones are
     patched = snpatch.apply_spectral_norm(copy.deepcopy(plain), include="4")
     checkpoint = {
         **{k: v for k, v in plain.state_dict().items() if k.startswith("0.")},
@@ -411,6 +412,50 @@ def test_unknown_or_missing_keys_still_fail_under_strict(
     model = snpatch.apply_spectral_norm(_built_net())
     with pytest.raises(RuntimeError, match=match):
         model.load_state_dict(checkpoint, strict=True)
+
+
+def _never_iterated(layout: str, weight: torch.Tensor) -> tuple[nn.Module, float]:
+    """A Linear with torch's spectral norm whose saved u, v give u^T W v < 0.
+
+    Legacy ``utils.spectral_norm`` starts from random u, v and iterates only in training
+    forwards, so a model saved before any has this about half the time; here the sign of u
+    is chosen so that it always has.
+    """
+    layer = nn.Linear(3, 5).double()
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+    if layout == "legacy":
+        torch.nn.utils.spectral_norm(layer)
+        u, v, original = layer.weight_u, layer.weight_v, layer.weight_orig
+    else:
+        torch.nn.utils.parametrizations.spectral_norm(layer)
+        norm = layer.parametrizations.weight[0]
+        u, v, original = norm._u, norm._v, layer.parametrizations.weight.original
+    with torch.no_grad():
+        if float(u @ original @ v) > 0:
+            u.neg_()
+    return layer.eval(), float(u @ original.detach() @ v)
+
+
+@pytest.mark.parametrize("layout", ["legacy", "parametrizations"])
+def test_checkpoint_with_non_positive_u_w_v_is_re_estimated_with_a_warning(layout: str) -> None:
+    weight = torch.randn(5, 3, dtype=torch.float64)
+    saved, divisor = _never_iterated(layout, weight)
+    assert divisor < 0
+    # What torch's model does with it: W / (u^T W v), sign flipped, norm unbounded.
+    x = torch.randn(4, 3, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(saved(x), nn.functional.linear(x, weight / divisor, saved.bias))
+    model = snpatch.apply_spectral_norm(nn.Sequential(nn.Linear(3, 5).double()), lipschitz=0.5)
+    with pytest.warns(snpatch.SnpatchWarning, match=r"'0\.weight' give u\^T W v = -.* <= 0"):
+        model.load_state_dict({f"0.{k}": v for k, v in saved.state_dict().items()})
+    layer = model[0].eval()
+    assert torch.equal(layer.parametrizations.weight.original, weight)
+    assert exact_sigma(layer)["weight"] == pytest.approx(0.5, rel=1e-6)
+    # Re-estimated, not flipped: the normalized weight is W scaled by a positive factor.
+    factor = layer.weight.detach() / weight
+    assert bool((factor > 0).all())
+    torch.testing.assert_close(factor, torch.full_like(factor, float(factor[0, 0])))
 
 
 # --- export targets ----------------------------------------------------------------------
