@@ -10,7 +10,8 @@ touching the model.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -262,11 +263,13 @@ def _swap_in_copies(
     return swapped
 
 
-def plain_state_dict(model: nn.Module) -> dict[str, Tensor]:
+def plain_state_dict(model: nn.Module) -> OrderedDict[str, Tensor]:
     """The ``state_dict`` of the unpatched architecture, with the normalized weights.
 
     Doesn't change the model. The result loads with ``strict=True`` into the model built
-    without snpatch, e.g. to publish a checkpoint for ``resnet18().load_state_dict``.
+    without snpatch, e.g. to publish a checkpoint for ``resnet18().load_state_dict``: its
+    keys, their order and its ``_metadata`` (the per-module versions that versioned
+    ``_load_from_state_dict`` methods read) are those of the never-patched model.
 
     Example:
         >>> import torch.nn as nn, snpatch
@@ -294,7 +297,8 @@ def plain_state_dict(model: nn.Module) -> dict[str, Tensor]:
                 norm.effective_weight(original),
             )
     items: list[tuple[str, Tensor]] = []
-    for key, value in module.state_dict().items():
+    state = module.state_dict()
+    for key, value in state.items():
         patched, rest = _split_patched_key(key)
         if patched not in replace:
             items.append((key, value))
@@ -303,7 +307,31 @@ def plain_state_dict(model: nn.Module) -> dict[str, Tensor]:
             items.insert(
                 _plain_position(items, base, tensor_name, order), (base + tensor_name, effective)
             )
-    return dict(items)
+    plain = OrderedDict(items)
+    metadata = getattr(state, "_metadata", None)
+    if metadata is not None:
+        plain._metadata = _plain_metadata(metadata, replace)  # type: ignore[attr-defined]
+    return plain
+
+
+def _plain_metadata(metadata: Mapping[str, Any], replaced: Iterable[str]) -> OrderedDict[str, Any]:
+    """``metadata`` without the entries of the parametrizations in ``replaced``.
+
+    ``state_dict()._metadata`` has one entry per module, by its prefix without the final
+    dot. For each replaced ``<owner>.parametrizations.<tensor>.`` the entries of that
+    parametrization list and its parametrizations go, and so does
+    ``<owner>.parametrizations`` once nothing inside it is left. The owner's own entry stays:
+    its parametrized class inherits the original class's ``_version``.
+    """
+    out = OrderedDict(metadata)
+    for patched in replaced:
+        container = patched.removesuffix(".").rpartition(".")[0]
+        for prefix in list(out):
+            if f"{prefix}." == patched or prefix.startswith(patched):
+                del out[prefix]
+        if container in out and not any(p.startswith(f"{container}.") for p in out):
+            del out[container]
+    return out
 
 
 def _plain_position(
@@ -311,19 +339,25 @@ def _plain_position(
 ) -> int:
     """Where ``base + tensor_name`` stands among the owner's own keys before patching.
 
-    An owner's own parameters and buffers come first in its part of a ``state_dict``, and
-    its ``parametrizations`` child last, so the plain key goes before the first own key
-    that followed it before patching, or else after the owner's last own key.
+    An owner's own parameters and buffers come first in its part of a ``state_dict``, then
+    its children (``parametrizations`` last), so the plain key goes before the first own
+    key that followed it before patching, or else after the owner's last own key, or, with
+    no own key, before the owner's first child key (another tensor's parametrization).
     """
     rank = {name: i for i, name in enumerate(order)}
     mine = rank.get(tensor_name, len(rank))
     last_own = None
+    first_child = None
     for index, (key, _) in enumerate(items):
         if key.startswith(base) and key[len(base) :] in rank:
             if rank[key[len(base) :]] > mine:
                 return index
             last_own = index
-    return len(items) if last_own is None else last_own + 1
+        elif key.startswith(base) and first_child is None:
+            first_child = index
+    if last_own is not None:
+        return last_own + 1
+    return len(items) if first_child is None else first_child
 
 
 def _split_patched_key(key: str) -> tuple[str, str]:

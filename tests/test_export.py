@@ -458,6 +458,47 @@ def test_checkpoint_with_non_positive_u_w_v_is_re_estimated_with_a_warning(layou
     torch.testing.assert_close(factor, torch.full_like(factor, float(factor[0, 0])))
 
 
+# --- state_dict metadata --------------------------------------------------------------------------
+
+
+def _with_other_parametrization() -> nn.Module:
+    class Scale(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return 2 * x
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    torch.nn.utils.parametrize.register_parametrization(model[2], "bias", Scale())
+    return model
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: torchvision.models.mnasnet0_5(weights=None),  # versioned _load_from_state_dict
+        _with_other_parametrization,  # the owner keeps a 'parametrizations' entry for its bias
+        lambda: nn.Sequential(nn.Linear(4, 4), nn.MultiheadAttention(4, 2)),
+    ],
+    ids=["mnasnet0_5", "other_parametrization", "attention"],
+)
+def test_plain_state_dict_keeps_the_metadata_of_the_never_patched_model(
+    build: Callable[[], nn.Module],
+) -> None:
+    torch.manual_seed(0)
+    never_patched = build()
+    model = snpatch.apply_spectral_norm(copy.deepcopy(never_patched))
+    plain = snpatch.plain_state_dict(model)
+    expected = never_patched.state_dict()
+    assert list(plain) == list(expected)
+    assert list(plain._metadata.items()) == list(expected._metadata.items())  # type: ignore[attr-defined]
+    fresh = build()
+    fresh.load_state_dict(plain, strict=True)
+    buffer = io.BytesIO()
+    torch.save(plain, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=True)
+    assert list(loaded._metadata.items()) == list(expected._metadata.items())
+
+
 # --- export targets ----------------------------------------------------------------------
 
 EXPORT_CASES = ["mlp", "conv_transpose2d", "attention", "resnet18"]
