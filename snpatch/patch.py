@@ -30,6 +30,7 @@ from .errors import (
     InvalidArgumentTypeError,
     ParametrizationRemovedError,
     SerializationError,
+    SharedWeightError,
     SnpatchWarning,
     UnsupportedLayerError,
 )
@@ -246,6 +247,71 @@ def layer_targets(module: nn.Module) -> list[LayerTarget]:
     return [LayerTarget("", "weight", dim)]
 
 
+@dataclass(frozen=True)
+class TensorSlot:
+    """One place where a module holds a tensor: ``module._parameters[name]`` or ``_buffers``."""
+
+    qualified_name: str
+    module: nn.Module
+    name: str
+
+    def label(self) -> str:
+        """The name users know: ``a.weight`` for ``a.parametrizations.weight.original``."""
+        head, marker, tail = self.qualified_name.rpartition("parametrizations.")
+        if marker and isinstance(self.module, parametrize.ParametrizationList):
+            return f"{head}{tail.removesuffix('.original')}"
+        return self.qualified_name
+
+    def normalized(self) -> bool:
+        """Whether this is the original of a weight that snpatch normalizes."""
+        return (
+            isinstance(self.module, parametrize.ParametrizationList)
+            and self.name == "original"
+            and any(isinstance(p, SpectralNorm) for p in self.module)
+        )
+
+
+def tensor_slots(model: nn.Module) -> dict[int, list[TensorSlot]]:
+    """Every parameter and buffer slot of ``model``, by the ``id`` of the tensor it holds.
+
+    Each module is visited once (a module used twice is one reader), so a tensor with two
+    slots is read by two modules: tied weights, e.g. a language model's output layer and
+    its input embedding.
+    """
+    slots: dict[int, list[TensorSlot]] = {}
+    for prefix, module in model.named_modules():
+        for table in (module._parameters, module._buffers):
+            for name, tensor in table.items():
+                if tensor is not None:
+                    qualified = f"{prefix}.{name}" if prefix else name
+                    slots.setdefault(id(tensor), []).append(TensorSlot(qualified, module, name))
+    return slots
+
+
+def _check_not_shared(model: nn.Module, weights: Sequence[tuple[str, Tensor]]) -> None:
+    """Refuse two selected weights that are one tensor, or one already normalized.
+
+    snpatch normalizes a tensor through one layer: a second parametrization of the same
+    tensor could not be removed without changing what the first one reads.
+    """
+    slots = tensor_slots(model)
+    seen: dict[int, str] = {}
+    for label, weight in weights:
+        if id(weight) in seen:
+            raise SharedWeightError(
+                f"{seen[id(weight)]!r} and {label!r} are one tensor (tied weights); snpatch "
+                "normalizes a shared tensor through one layer only: exclude one of them"
+            )
+        seen[id(weight)] = label
+        for slot in slots.get(id(weight), []):
+            if slot.normalized():
+                raise SharedWeightError(
+                    f"{label!r} is the same tensor as {slot.label()!r} (tied weights), which "
+                    "is spectrally normalized already; snpatch normalizes a shared tensor "
+                    "through one layer only: exclude this layer"
+                )
+
+
 def _existing_normalization(owner: nn.Module, tensor_name: str) -> str | None:
     """Which spectral normalization already acts on ``owner.<tensor_name>``, if any."""
     if parametrize.is_parametrized(owner, tensor_name):
@@ -376,6 +442,8 @@ def apply_spectral_norm(
         NoMatchingLayersError: an include pattern matched nothing, or nothing is selected.
         AlreadyPatchedError: a selected layer already has spectral normalization.
         UnsupportedLayerError: a selected layer is lazy or has no usable weight.
+        SharedWeightError: two selected layers share one weight tensor, or a selected
+            layer's weight is already normalized through another layer (tied weights).
         WrappedModelError: the model is already wrapped in ``DistributedDataParallel``.
 
     On any error the model is left exactly as it was.
@@ -400,6 +468,14 @@ def apply_spectral_norm(
                 f"({type(layer).__name__}) would be normalized by its matrix norm; "
                 "pass method='operator'"
             )
+    _check_not_shared(
+        model,
+        [
+            (".".join(p for p in (name, t.path, t.tensor_name) if p), weight)
+            for (name, _), (_, targets, weights) in zip(layers, plans, strict=True)
+            for t, weight in zip(targets, weights, strict=True)
+        ],
+    )
     sizes = record_input_sizes(model, layers, example_inputs)
     # Everything that can fail is computed before the model is touched.
     built = [

@@ -458,7 +458,7 @@ def test_checkpoint_with_non_positive_u_w_v_is_re_estimated_with_a_warning(layou
     torch.testing.assert_close(factor, torch.full_like(factor, float(factor[0, 0])))
 
 
-# --- state_dict metadata --------------------------------------------------------------------------
+# --- state_dict metadata and tied weights -------------------------------------------------
 
 
 def _with_other_parametrization() -> nn.Module:
@@ -497,6 +497,114 @@ def test_plain_state_dict_keeps_the_metadata_of_the_never_patched_model(
     buffer.seek(0)
     loaded = torch.load(buffer, weights_only=True)
     assert list(loaded._metadata.items()) == list(expected._metadata.items())
+
+
+class TiedLM(nn.Module):
+    """A GPT-2 look-alike: the output layer's weight is the input embedding's Parameter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(30, 8)
+        self.proj = nn.Linear(8, 8)
+        self.lm_head = nn.Linear(8, 30, bias=False)
+        self.lm_head.weight = self.wte.weight
+        with torch.no_grad():
+            self.wte.weight.mul_(3)  # sigma well above 1: normalization changes it
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(torch.tanh(self.proj(self.wte(ids))))
+
+
+class Mirror(nn.Module):
+    """Reads another layer's weight through a Parameter of its own (transposed)."""
+
+    def __init__(self, kernel: nn.Parameter) -> None:
+        super().__init__()
+        self.kernel = kernel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.kernel
+
+
+class Mirrored(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+        self.mirror = Mirror(self.fc.weight)
+        with torch.no_grad():
+            self.fc.weight.mul_(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) + self.mirror(x)
+
+
+TIED = {
+    # model, input, the patched layer, its weight's other reader (module, attribute)
+    "lm_head_and_embedding": (
+        TiedLM,
+        lambda: torch.randint(0, 30, (4, 5)),
+        "lm_head",
+        "wte.weight",
+    ),
+    "module_reading_it_elsewhere": (Mirrored, lambda: torch.randn(3, 6), "fc", "mirror.kernel"),
+}
+
+
+@pytest.mark.parametrize("case", list(TIED))
+def test_removal_never_changes_a_tied_weight_another_module_reads(case: str) -> None:
+    build, make_input, layer_name, reader = TIED[case]
+    torch.manual_seed(0)
+    model = snpatch.apply_spectral_norm(build(), include=layer_name).eval()
+    twin = copy.deepcopy(model)
+    x = make_input()
+    with torch.no_grad():
+        expected = model(x)
+    shared = model.get_parameter(reader)
+    values = shared.detach().clone()
+    layer = model.get_submodule(layer_name)
+    assert layer.parametrizations.weight.original is shared
+    with snpatch.exported(model):
+        assert model.get_parameter(reader) is shared
+        assert torch.equal(shared, values)
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+    assert layer.parametrizations.weight.original is shared
+    _assert_same_state(model, twin)
+    snapshot = snpatch.remove_spectral_norm(model)
+    assert model.get_parameter(reader) is shared
+    assert torch.equal(shared, values)
+    assert layer.weight is not shared
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+    assert list(model.state_dict()) == list(build().state_dict())
+    buffer = io.BytesIO()
+    torch.save(snapshot, buffer)
+    buffer.seek(0)
+    snpatch.restore_spectral_norm(model, torch.load(buffer, weights_only=True))
+    assert layer.parametrizations.weight.original is shared  # tied again
+    _assert_same_state(model, twin)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("case", list(TIED))
+def test_plain_state_dict_of_a_tied_weight_is_refused(case: str) -> None:
+    build, _, layer_name, reader = TIED[case]
+    model = snpatch.apply_spectral_norm(build(), include=layer_name)
+    state = _full_state(model)
+    with pytest.raises(snpatch.SharedWeightError, match=rf"'{layer_name}.weight'.*'{reader}'"):
+        snpatch.plain_state_dict(model)
+    assert all(torch.equal(v, state[k]) for k, v in _full_state(model).items())
+
+
+def test_restore_of_a_tied_weight_into_a_model_without_its_partner_is_refused() -> None:
+    model = snpatch.apply_spectral_norm(TiedLM(), include="lm_head")
+    snapshot = snpatch.remove_spectral_norm(model)
+    other = nn.Module()
+    other.lm_head = nn.Linear(8, 30, bias=False)
+    with pytest.raises(snpatch.SnapshotMismatchError, match="'weight' was tied to 'wte.weight'"):
+        snpatch.restore_spectral_norm(other, snapshot)
+    assert not snpatch.is_patched(other)
 
 
 # --- export targets ----------------------------------------------------------------------
