@@ -11,6 +11,7 @@ from .errors import (
     NoMatchingLayersError,
     ParametrizationRemovedError,
     SerializationError,
+    SharedWeightError,
     SnapshotMismatchError,
     SnpatchError,
     SnpatchWarning,
@@ -36,12 +37,13 @@ from .patch import (
     update_sigma,
 )
 from .report import SpectralReport, lipschitz_bound, lipschitz_bounds, spectral_report
-from .select import DEFAULT_LAYER_TYPES, select_layers
+from .select import DEFAULT_LAYER_TYPES, LINEAR_LIKE_LAYERS, select_layers
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_LAYER_TYPES",
+    "LINEAR_LIKE_LAYERS",
     "AlreadyPatchedError",
     "InvalidArgumentError",
     "InvalidArgumentTypeError",
@@ -49,6 +51,7 @@ __all__ = [
     "OperatorNorm",
     "ParametrizationRemovedError",
     "SerializationError",
+    "SharedWeightError",
     "SnapshotMismatchError",
     "SnpatchError",
     "SnpatchWarning",

@@ -14,6 +14,7 @@ __all__ = [
     "NoMatchingLayersError",
     "ParametrizationRemovedError",
     "SerializationError",
+    "SharedWeightError",
     "SnapshotMismatchError",
     "SnpatchError",
     "SnpatchWarning",
@@ -54,6 +55,13 @@ class ParametrizationRemovedError(SnpatchError, RuntimeError):
 
     For example by ``torch.nn.utils.parametrize.remove_parametrizations``; the message says
     how to finish the removal.
+    """
+
+
+class SharedWeightError(SnpatchError, ValueError):
+    """A normalized weight is one tensor with another module's (tied weights) where that
+    can't be handled: two patched layers sharing one weight, or a plain checkpoint of an
+    architecture that stores the shared tensor once.
     """
 
 

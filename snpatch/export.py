@@ -10,7 +10,8 @@ touching the model.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -19,10 +20,16 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .errors import AlreadyPatchedError, InvalidArgumentTypeError, SnapshotMismatchError
+from .errors import (
+    AlreadyPatchedError,
+    InvalidArgumentTypeError,
+    SharedWeightError,
+    SnapshotMismatchError,
+)
 from .operator import OperatorNorm
 from .parametrization import SpectralNorm
 from .patch import (
+    TensorSlot,
     _hook,
     checkpoint_adapter,
     install,
@@ -30,6 +37,7 @@ from .patch import (
     parametrization_list,
     patched_layers,
     spectral_norms,
+    tensor_slots,
     uninstall_hooks,
 )
 from .select import LayerFilter, Pattern, check_model, select_from
@@ -59,8 +67,9 @@ class SpectralNormSnapshot:
 
     ``layers`` maps each layer name to its weights (``"weight"``, or ``"in_proj_weight"``
     and ``"out_proj.weight"`` for attention), each a record with ``kind``, ``config`` (the
-    options), ``buffers`` (the whole iteration state) and ``original`` (the unnormalized
-    weight values). Only tensors and plain Python values: ``torch.save`` it and load it
+    options), ``buffers`` (the whole iteration state), ``original`` (the unnormalized
+    weight values) and, for a tied weight, ``tied`` (the name in the model of the tensor it
+    shares). Only tensors and plain Python values: ``torch.save`` it and load it
     back with ``torch.load(path, weights_only=True)``.
 
     Example:
@@ -98,6 +107,12 @@ def remove_spectral_norm(
     snpatch added are removed and the layer gets its original class back. The model's
     ``state_dict`` keys are then those of the never-patched model.
 
+    A tensor that another module of ``model`` also holds (tied weights: a language model's
+    output layer and its input embedding) is never changed: that layer gets a new
+    ``Parameter`` with the normalized values, the shared one keeps its values for the other
+    readers, and :func:`restore_spectral_norm` ties the layer back to it. Readers outside
+    ``model`` can't be seen: remove from the model that holds them all.
+
     Args:
         model: a model patched by :func:`snpatch.apply_spectral_norm`.
         include: pattern(s) or a predicate over the patched layers; None means all.
@@ -109,6 +124,8 @@ def remove_spectral_norm(
 
     Raises:
         NoMatchingLayersError: an include pattern matched no patched layer.
+        SharedWeightError: two patched weights are one tensor (tied after patching; patching
+            refuses it). Nothing is changed then.
 
     Example:
         >>> import torch.nn as nn, snpatch
@@ -128,7 +145,8 @@ def remove_spectral_norm(
         LayerFilter.parse(exclude, "exclude"),
         what="patched",
     )
-    # Everything is computed before the first layer changes.
+    # Everything is computed (and every refusal raised) before the first layer changes.
+    slots = tensor_slots(module)
     plans = []
     records: dict[str, dict[str, dict[str, Any]]] = {}
     for name, layer in layers:
@@ -139,20 +157,31 @@ def remove_spectral_norm(
         # remove_parametrizations) is plain already: only the hook is left to take off.
         for key, norm, original in hook.norms(layer, removed_ok=True):
             owner, tensor_name = _owner(layer, key)
-            weights[key] = {
+            record = {
                 "kind": norm.kind,
                 "config": norm.config(),
                 "buffers": {n: b.detach().clone() for n, b in norm.named_buffers()},
                 "original": original.detach().clone(),
             }
-            plans.append((owner, tensor_name, original, norm.effective_weight(original)))
+            readers = _other_readers(slots, owner, tensor_name, original)
+            if readers:
+                # Tied weights: the other readers keep the tensor as it is; this layer
+                # gets its own copy with the normalized values, and restore ties it back.
+                record["tied"] = readers[0].qualified_name
+            weights[key] = record
+            plans.append(
+                (owner, tensor_name, original, norm.effective_weight(original), bool(readers))
+            )
         if weights:
             records[name] = weights
     orders = {name: checkpoint_adapter(layer) for name, layer in layers}
     with torch.no_grad():
-        for owner, tensor_name, original, effective in plans:
-            original.copy_(effective)
-            _unparametrize(owner, tensor_name)
+        for owner, tensor_name, original, effective, tied in plans:
+            if tied:
+                _unparametrize(owner, tensor_name, _copy_of(original, effective))
+            else:
+                original.copy_(effective)
+                _unparametrize(owner, tensor_name, original)
     for name, layer in layers:
         adapter = orders[name]
         if adapter is not None:
@@ -182,7 +211,8 @@ def restore_spectral_norm(model: T_module, snapshot: SpectralNormSnapshot) -> T_
     Raises:
         TypeError: ``snapshot`` is not a :class:`SpectralNormSnapshot`.
         SnapshotMismatchError: a layer of the snapshot is missing from the model, or its
-            weights differ in name, shape or dtype. Nothing is changed then.
+            weights differ in name, shape or dtype, or a tied weight's partner is missing.
+            Nothing is changed then.
         AlreadyPatchedError: a layer of the snapshot is patched again already.
     """
     module = check_model(model)
@@ -199,8 +229,15 @@ def restore_spectral_norm(model: T_module, snapshot: SpectralNormSnapshot) -> T_
     plans = [_plan_restore(module, name, weights) for name, weights in snapshot.layers.items()]
     for layer, targets in plans:
         with torch.no_grad():
-            for _, _, parameter, original, _ in targets:
+            for path, tensor_name, parameter, original, _ in targets:
                 parameter.copy_(original)
+                owner = layer.get_submodule(path) if path else layer
+                # A tied weight's layer held its own copy while removed: tie it back
+                # (the same slot, so the parameter order is unchanged).
+                if isinstance(parameter, nn.Parameter) and tensor_name in owner._parameters:
+                    owner._parameters[tensor_name] = parameter
+                elif tensor_name in owner._buffers:
+                    owner._buffers[tensor_name] = parameter
         install(
             layer,
             [(path, tensor_name) for path, tensor_name, _, _, _ in targets],
@@ -256,17 +293,59 @@ def _swap_in_copies(
             owner, tensor_name = _owner(layer, key)
             parameter = owner._parameters.get(tensor_name)
             if isinstance(parameter, nn.Parameter):
-                copy = nn.Parameter(parameter.detach().clone(), parameter.requires_grad)
+                copy = _copy_of(parameter, parameter)
+                assert isinstance(copy, nn.Parameter)
                 owner._parameters[tensor_name] = copy
                 swapped.append((owner, tensor_name, parameter))
     return swapped
 
 
-def plain_state_dict(model: nn.Module) -> dict[str, Tensor]:
+def _copy_of(tensor: Tensor, values: Tensor) -> Tensor:
+    """A new tensor holding ``values``, a ``Parameter`` (same ``requires_grad``) if ``tensor`` is.
+
+    How a layer gets a weight of its own without changing a tensor that something else
+    reads: exported() gives each layer one, and removal gives one to a tied weight's layer.
+    """
+    copy = values.detach().clone()
+    if isinstance(tensor, nn.Parameter):
+        return nn.Parameter(copy, tensor.requires_grad)
+    return copy
+
+
+def _other_readers(
+    slots: Mapping[int, list[TensorSlot]], owner: nn.Module, tensor_name: str, original: Tensor
+) -> list[TensorSlot]:
+    """The slots of ``original`` other than its own (``owner``'s parametrization).
+
+    Raises:
+        SharedWeightError: another snpatch normalization reads it too (refused by
+            apply_spectral_norm; possible only if the model was tied after patching).
+    """
+    own = parametrization_list(owner, tensor_name)
+    readers = [slot for slot in slots.get(id(original), []) if slot.module is not own]
+    for slot in readers:
+        if slot.normalized():
+            raise SharedWeightError(
+                f"{slot.label()!r} and the weight {tensor_name!r} of {type(owner).__name__} are "
+                "one tensor, normalized twice; remove_spectral_norm can't take either off "
+                "without changing what the other reads. Nothing was changed"
+            )
+    return readers
+
+
+def plain_state_dict(model: nn.Module) -> OrderedDict[str, Tensor]:
     """The ``state_dict`` of the unpatched architecture, with the normalized weights.
 
     Doesn't change the model. The result loads with ``strict=True`` into the model built
-    without snpatch, e.g. to publish a checkpoint for ``resnet18().load_state_dict``.
+    without snpatch, e.g. to publish a checkpoint for ``resnet18().load_state_dict``: its
+    keys, their order and its ``_metadata`` (the per-module versions that versioned
+    ``_load_from_state_dict`` methods read) are those of the never-patched model.
+
+    Raises:
+        SharedWeightError: a normalized weight is one tensor with a weight another module
+            reads unnormalized (tied weights, e.g. a language model's output layer and its
+            input embedding): the unpatched architecture stores them as one tensor, so no
+            checkpoint of it holds both values.
 
     Example:
         >>> import torch.nn as nn, snpatch
@@ -275,6 +354,7 @@ def plain_state_dict(model: nn.Module) -> dict[str, Tensor]:
         <All keys matched successfully>
     """
     module = check_model(model)
+    slots = tensor_slots(module)
     # "<owner>.parametrizations.<tensor>." -> (owner prefix, tensor, order before patching,
     # effective weight)
     replace: dict[str, tuple[str, str, tuple[str, ...], Tensor]] = {}
@@ -283,6 +363,18 @@ def plain_state_dict(model: nn.Module) -> dict[str, Tensor]:
         for key, norm in spectral_norms(layer).items():
             owner, tensor_name = _owner(layer, key)
             original = parametrization_list(owner, tensor_name).original
+            readers = _other_readers(slots, owner, tensor_name, original)
+            if readers:
+                full = ".".join(p for p in (name, key) if p)
+                raise SharedWeightError(
+                    f"plain_state_dict: the normalized {full!r} is one tensor with "
+                    f"{readers[0].label()!r} (tied weights), which reads it unnormalized; the "
+                    "unpatched architecture stores both as that one tensor, so no checkpoint "
+                    f"of it holds both values. Patch with exclude={name!r}, untie the weights "
+                    "before patching (give the layer an nn.Parameter of its own) and load "
+                    "into an untied model, or save the whole model inside "
+                    "`with snpatch.exported(model):`"
+                )
             path, _, _ = key.rpartition(".")
             base = ".".join(p for p in (name, path) if p)
             base = f"{base}." if base else ""
@@ -294,7 +386,8 @@ def plain_state_dict(model: nn.Module) -> dict[str, Tensor]:
                 norm.effective_weight(original),
             )
     items: list[tuple[str, Tensor]] = []
-    for key, value in module.state_dict().items():
+    state = module.state_dict()
+    for key, value in state.items():
         patched, rest = _split_patched_key(key)
         if patched not in replace:
             items.append((key, value))
@@ -303,7 +396,31 @@ def plain_state_dict(model: nn.Module) -> dict[str, Tensor]:
             items.insert(
                 _plain_position(items, base, tensor_name, order), (base + tensor_name, effective)
             )
-    return dict(items)
+    plain = OrderedDict(items)
+    metadata = getattr(state, "_metadata", None)
+    if metadata is not None:
+        plain._metadata = _plain_metadata(metadata, replace)  # type: ignore[attr-defined]
+    return plain
+
+
+def _plain_metadata(metadata: Mapping[str, Any], replaced: Iterable[str]) -> OrderedDict[str, Any]:
+    """``metadata`` without the entries of the parametrizations in ``replaced``.
+
+    ``state_dict()._metadata`` has one entry per module, by its prefix without the final
+    dot. For each replaced ``<owner>.parametrizations.<tensor>.`` the entries of that
+    parametrization list and its parametrizations go, and so does
+    ``<owner>.parametrizations`` once nothing inside it is left. The owner's own entry stays:
+    its parametrized class inherits the original class's ``_version``.
+    """
+    out = OrderedDict(metadata)
+    for patched in replaced:
+        container = patched.removesuffix(".").rpartition(".")[0]
+        for prefix in list(out):
+            if f"{prefix}." == patched or prefix.startswith(patched):
+                del out[prefix]
+        if container in out and not any(p.startswith(f"{container}.") for p in out):
+            del out[container]
+    return out
 
 
 def _plain_position(
@@ -311,19 +428,25 @@ def _plain_position(
 ) -> int:
     """Where ``base + tensor_name`` stands among the owner's own keys before patching.
 
-    An owner's own parameters and buffers come first in its part of a ``state_dict``, and
-    its ``parametrizations`` child last, so the plain key goes before the first own key
-    that followed it before patching, or else after the owner's last own key.
+    An owner's own parameters and buffers come first in its part of a ``state_dict``, then
+    its children (``parametrizations`` last), so the plain key goes before the first own
+    key that followed it before patching, or else after the owner's last own key, or, with
+    no own key, before the owner's first child key (another tensor's parametrization).
     """
     rank = {name: i for i, name in enumerate(order)}
     mine = rank.get(tensor_name, len(rank))
     last_own = None
+    first_child = None
     for index, (key, _) in enumerate(items):
         if key.startswith(base) and key[len(base) :] in rank:
             if rank[key[len(base) :]] > mine:
                 return index
             last_own = index
-    return len(items) if last_own is None else last_own + 1
+        elif key.startswith(base) and first_child is None:
+            first_child = index
+    if last_own is not None:
+        return last_own + 1
+    return len(items) if first_child is None else first_child
 
 
 def _split_patched_key(key: str) -> tuple[str, str]:
@@ -340,8 +463,11 @@ def _owner(layer: nn.Module, key: str) -> tuple[nn.Module, str]:
     return (layer.get_submodule(path) if path else layer), tensor_name
 
 
-def _unparametrize(owner: nn.Module, tensor_name: str) -> None:
-    """Remove the parametrization of ``owner.<tensor_name>``, keeping ``original`` as is.
+def _unparametrize(owner: nn.Module, tensor_name: str, plain: Tensor) -> None:
+    """Remove the parametrization of ``owner.<tensor_name>``; ``plain`` becomes the tensor.
+
+    ``plain`` is the parametrization's ``original`` (baked in place) or, for a tied weight,
+    a copy of its own.
 
     Unlike ``torch.nn.utils.parametrize.remove_parametrizations``, this never edits the
     parametrized class, which ``copy.deepcopy`` shares between a module and its copies:
@@ -350,7 +476,6 @@ def _unparametrize(owner: nn.Module, tensor_name: str) -> None:
     """
     parametrizations = owner.parametrizations
     assert isinstance(parametrizations, nn.ModuleDict)
-    original = parametrization_list(owner, tensor_name).original
     cls = type(owner)
     if len(parametrizations) > 1:
         namespace = {
@@ -361,10 +486,10 @@ def _unparametrize(owner: nn.Module, tensor_name: str) -> None:
     else:
         owner.__class__ = cls.__bases__[0]
         del owner._modules["parametrizations"]
-    if isinstance(original, nn.Parameter):
-        owner.register_parameter(tensor_name, original)
+    if isinstance(plain, nn.Parameter):
+        owner.register_parameter(tensor_name, plain)
     else:
-        owner.register_buffer(tensor_name, original)
+        owner.register_buffer(tensor_name, plain)
 
 
 def _reorder(owner: nn.Module, order: tuple[str, ...]) -> None:
@@ -391,6 +516,27 @@ def _find_layer(model: nn.Module, name: str) -> nn.Module:
         ) from None
 
 
+def _tied_tensor(
+    model: nn.Module, label: str, key: str, tied: str, current: Tensor | None
+) -> Tensor:
+    """The tensor a tied weight shares (at ``tied`` in ``model``), checked against ``current``."""
+    path, _, name = tied.rpartition(".")
+    try:
+        holder = model.get_submodule(path)
+    except AttributeError:
+        holder = None
+    shared = None if holder is None else holder._parameters.get(name, holder._buffers.get(name))
+    if not isinstance(shared, Tensor) or (
+        isinstance(current, Tensor)
+        and (shared.shape != current.shape or shared.dtype != current.dtype)
+    ):
+        raise SnapshotMismatchError(
+            f"{label}: {key!r} was tied to {tied!r}, which the model doesn't have "
+            f"as a tensor of the same shape and dtype"
+        )
+    return shared
+
+
 def _plan_restore(
     model: nn.Module, name: str, weights: Mapping[str, Mapping[str, Any]]
 ) -> tuple[nn.Module, list[tuple[str, str, Tensor, Tensor, SpectralNorm]]]:
@@ -415,6 +561,8 @@ def _plan_restore(
         owner, tensor_name = _owner(layer, key)
         parameter = owner._parameters.get(tensor_name, owner._buffers.get(tensor_name))
         original = record["original"]
+        if record.get("tied") is not None:
+            parameter = _tied_tensor(model, label, key, record["tied"], parameter)
         if parametrize.is_parametrized(owner, tensor_name) or not isinstance(parameter, Tensor):
             raise SnapshotMismatchError(
                 f"{label} has no plain tensor {key!r} to restore into "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal, TypeVar
@@ -29,11 +30,20 @@ from .errors import (
     InvalidArgumentTypeError,
     ParametrizationRemovedError,
     SerializationError,
+    SharedWeightError,
+    SnpatchWarning,
     UnsupportedLayerError,
 )
 from .operator import ConvSpec, OperatorNorm, is_conv
 from .parametrization import Mode, SpectralNorm, in_backward_pass, in_functorch_transform
-from .select import LayerFilter, Pattern, check_model, resolve_selection, select_from
+from .select import (
+    LayerFilter,
+    Pattern,
+    check_model,
+    linear_like_dim,
+    resolve_selection,
+    select_from,
+)
 
 __all__ = [
     "PowerIterationHook",
@@ -231,8 +241,75 @@ def layer_targets(module: nn.Module) -> list[LayerTarget]:
             else ["q_proj_weight", "k_proj_weight", "v_proj_weight"]
         )
         return [LayerTarget("", name, 0) for name in names] + [LayerTarget("out_proj", "weight", 0)]
-    dim = 1 if isinstance(module, nn.modules.conv._ConvTransposeNd) else 0
+    dim = linear_like_dim(module)
+    if dim is None:
+        dim = 1 if isinstance(module, nn.modules.conv._ConvTransposeNd) else 0
     return [LayerTarget("", "weight", dim)]
+
+
+@dataclass(frozen=True)
+class TensorSlot:
+    """One place where a module holds a tensor: ``module._parameters[name]`` or ``_buffers``."""
+
+    qualified_name: str
+    module: nn.Module
+    name: str
+
+    def label(self) -> str:
+        """The name users know: ``a.weight`` for ``a.parametrizations.weight.original``."""
+        head, marker, tail = self.qualified_name.rpartition("parametrizations.")
+        if marker and isinstance(self.module, parametrize.ParametrizationList):
+            return f"{head}{tail.removesuffix('.original')}"
+        return self.qualified_name
+
+    def normalized(self) -> bool:
+        """Whether this is the original of a weight that snpatch normalizes."""
+        return (
+            isinstance(self.module, parametrize.ParametrizationList)
+            and self.name == "original"
+            and any(isinstance(p, SpectralNorm) for p in self.module)
+        )
+
+
+def tensor_slots(model: nn.Module) -> dict[int, list[TensorSlot]]:
+    """Every parameter and buffer slot of ``model``, by the ``id`` of the tensor it holds.
+
+    Each module is visited once (a module used twice is one reader), so a tensor with two
+    slots is read by two modules: tied weights, e.g. a language model's output layer and
+    its input embedding.
+    """
+    slots: dict[int, list[TensorSlot]] = {}
+    for prefix, module in model.named_modules():
+        for table in (module._parameters, module._buffers):
+            for name, tensor in table.items():
+                if tensor is not None:
+                    qualified = f"{prefix}.{name}" if prefix else name
+                    slots.setdefault(id(tensor), []).append(TensorSlot(qualified, module, name))
+    return slots
+
+
+def _check_not_shared(model: nn.Module, weights: Sequence[tuple[str, Tensor]]) -> None:
+    """Refuse two selected weights that are one tensor, or one already normalized.
+
+    snpatch normalizes a tensor through one layer: a second parametrization of the same
+    tensor could not be removed without changing what the first one reads.
+    """
+    slots = tensor_slots(model)
+    seen: dict[int, str] = {}
+    for label, weight in weights:
+        if id(weight) in seen:
+            raise SharedWeightError(
+                f"{seen[id(weight)]!r} and {label!r} are one tensor (tied weights); snpatch "
+                "normalizes a shared tensor through one layer only: exclude one of them"
+            )
+        seen[id(weight)] = label
+        for slot in slots.get(id(weight), []):
+            if slot.normalized():
+                raise SharedWeightError(
+                    f"{label!r} is the same tensor as {slot.label()!r} (tied weights), which "
+                    "is spectrally normalized already; snpatch normalizes a shared tensor "
+                    "through one layer only: exclude this layer"
+                )
 
 
 def _existing_normalization(owner: nn.Module, tensor_name: str) -> str | None:
@@ -320,7 +397,12 @@ def apply_spectral_norm(
     ``weight`` reparametrized as ``weight * lipschitz / sigma`` (``mode="hard"``) or
     ``weight / max(1, sigma / lipschitz)`` (``mode="soft"``), where ``sigma`` is the top
     singular value of the weight viewed as a matrix. ``nn.MultiheadAttention`` gets the
-    same on ``in_proj_weight`` (or ``q/k/v_proj_weight``) and ``out_proj.weight``.
+    same on ``in_proj_weight`` (or ``q/k/v_proj_weight``) and ``out_proj.weight``, and so
+    do the linear layers of :data:`snpatch.LINEAR_LIKE_LAYERS` (transformers' ``Conv1D``,
+    with ``dim=1``). Patching the whole model (``include`` and ``layer_types`` None) warns
+    with a :class:`~snpatch.SnpatchWarning` naming each other layer with a weight of 2 or
+    more dimensions that stays unnormalized (``nn.Embedding`` aside); an exclude name
+    pattern matching such a layer silences it.
 
     The original weight stays the same ``Parameter`` object (at
     ``layer.parametrizations.weight.original``), so an optimizer built before keeps
@@ -338,7 +420,8 @@ def apply_spectral_norm(
         mode: ``"hard"`` or ``"soft"``.
         n_power_iterations: block power-iteration steps per training forward (>= 0).
         eps: lower bound on ``sigma`` in the division (>= 0).
-        layer_types: eligible layer classes (default :data:`snpatch.DEFAULT_LAYER_TYPES`).
+        layer_types: eligible layer classes (default :data:`snpatch.DEFAULT_LAYER_TYPES` and
+            the layers of :data:`snpatch.LINEAR_LIKE_LAYERS`).
         method: ``"matrix"`` (the kernel viewed as a matrix, torch's convention) or
             ``"operator"``: convolutions are divided by their l2 operator norm on the
             largest input size they have received (see :class:`snpatch.OperatorNorm`);
@@ -359,6 +442,8 @@ def apply_spectral_norm(
         NoMatchingLayersError: an include pattern matched nothing, or nothing is selected.
         AlreadyPatchedError: a selected layer already has spectral normalization.
         UnsupportedLayerError: a selected layer is lazy or has no usable weight.
+        SharedWeightError: two selected layers share one weight tensor, or a selected
+            layer's weight is already normalized through another layer (tied weights).
         WrappedModelError: the model is already wrapped in ``DistributedDataParallel``.
 
     On any error the model is left exactly as it was.
@@ -383,6 +468,14 @@ def apply_spectral_norm(
                 f"({type(layer).__name__}) would be normalized by its matrix norm; "
                 "pass method='operator'"
             )
+    _check_not_shared(
+        model,
+        [
+            (".".join(p for p in (name, t.path, t.tensor_name) if p), weight)
+            for (name, _), (_, targets, weights) in zip(layers, plans, strict=True)
+            for t, weight in zip(targets, weights, strict=True)
+        ],
+    )
     sizes = record_input_sizes(model, layers, example_inputs)
     # Everything that can fail is computed before the model is touched.
     built = [
@@ -526,11 +619,16 @@ class CheckpointAdapter:
 
     After loading, each weight whose ``u``/``v`` came from the checkpoint keeps them (eval
     outputs are exactly those saved) and only the tracked block is re-fitted; a weight
-    loaded without them is re-estimated to full accuracy.
+    loaded without them is re-estimated to full accuracy. So is a non-zero weight whose
+    loaded vectors give ``u^T W v <= 0`` (vectors never iterated for this weight, as in a
+    legacy ``torch.nn.utils.spectral_norm`` model saved before any training forward): torch
+    divides by that value, which flips the weight's sign and bounds nothing; snpatch warns
+    (:class:`~snpatch.SnpatchWarning`) and normalizes the loaded weight properly instead.
     """
 
     def __init__(self) -> None:
         self.pending: set[str] = set()
+        self.prefix = ""  # the layer's state_dict prefix in the last load (for messages)
         # Each owner's parameter and buffer names before patching, by path in the layer:
         # removal puts ``weight`` back in its place (parameters() and state_dict order).
         self.tensor_order: dict[str, tuple[str, ...]] = {}
@@ -545,6 +643,7 @@ class CheckpointAdapter:
         hook = _hook(layer)
         if hook is None:
             return
+        self.prefix = prefix
         for key, norm, _ in hook.norms(layer):
             path, _, tensor_name = key.rpartition(".")
             base = f"{prefix}{path}." if path else prefix
@@ -589,8 +688,29 @@ class CheckpointAdapter:
         for key, norm, original in hook.norms(layer):
             if key in pending:
                 norm.converge(original)
+                continue
+            divisor = _loaded_divisor(norm, original)
+            if divisor is not None and divisor <= 0 and bool(original.detach().ne(0).any()):
+                norm.converge(original)
+                warnings.warn(
+                    f"load_state_dict: the checkpoint's u and v for {self.prefix + key!r} give "
+                    f"u^T W v = {divisor:.4g} <= 0: they were never iterated for this weight "
+                    "(e.g. a torch.nn.utils.spectral_norm model saved before any training "
+                    "forward). torch divides the weight by that value, which flips its sign "
+                    "and bounds nothing; snpatch re-estimated u and v for the loaded weight "
+                    "instead, so eval outputs differ from those of the saved model",
+                    SnpatchWarning,
+                    stacklevel=2,
+                )
             else:
                 norm.refit_block(original)
+
+
+def _loaded_divisor(norm: SpectralNorm, original: Tensor) -> float | None:
+    """``u^T W v`` where the eval forward divides by it (None where it divides by another)."""
+    if isinstance(norm, OperatorNorm) and (norm.certified or norm.input_size is not None):
+        return None
+    return float(norm.sigma(original))
 
 
 def _build(

@@ -12,7 +12,7 @@ from .errors import InvalidArgumentError, InvalidArgumentTypeError, UnsupportedL
 from .operator import ConvSpec, OperatorNorm, conv_bound, is_conv, matrix_bound, operator_norm
 from .parametrization import SpectralNorm, weight_to_matrix
 from .patch import _hook, layer_targets, patched_layers, record_input_sizes, spectral_norms
-from .select import check_model
+from .select import check_model, is_linear
 
 __all__ = ["ReportRow", "SpectralReport", "lipschitz_bound", "lipschitz_bounds", "spectral_report"]
 
@@ -47,8 +47,9 @@ def _check_shape(layer: nn.Module, input_shape: object) -> tuple[int, ...]:
 def lipschitz_bound(layer: nn.Module, input_shape: Sequence[int] | None = None) -> float:
     """A certified upper bound of a layer's l2 Lipschitz constant (bias aside).
 
-    Uses the layer's effective weight (normalized, if patched). ``Linear``: the top
-    singular value, certified by a float64 Cholesky check. ``Conv*d`` /
+    Uses the layer's effective weight (normalized, if patched). ``Linear`` (and the
+    layers of :data:`snpatch.LINEAR_LIKE_LAYERS`): the top singular value, certified by a
+    float64 Cholesky check. ``Conv*d`` /
     ``ConvTranspose*d``: a bound of the operator norm on inputs of ``input_shape``, or on
     every input size when it is None (see :mod:`snpatch.operator`); it is never below the
     true value, and within a few percent of it for 3x3 zero- or circular-padded convs.
@@ -80,8 +81,10 @@ def lipschitz_bound(layer: nn.Module, input_shape: Sequence[int] | None = None) 
                 return conv_bound(ConvSpec.of(layer), weight, None)
             shape = _check_shape(layer, input_shape)
             return conv_bound(ConvSpec.of(layer), weight, shape[1:])
-        if isinstance(layer, nn.Linear):
-            return matrix_bound(layer.weight.detach())
+        if is_linear(layer):
+            linear_weight = layer.weight
+            assert isinstance(linear_weight, Tensor)
+            return matrix_bound(linear_weight.detach())
     raise UnsupportedLayerError(
         f"no Lipschitz bound for {type(layer).__name__}: only Linear, Conv*d and "
         "ConvTranspose*d layers have one"
@@ -103,7 +106,7 @@ def lipschitz_bounds(model: nn.Module) -> dict[str, float]:
     """
     out = {}
     for name, layer in patched_layers(model).items():
-        if isinstance(layer, nn.Linear) or is_conv(layer):
+        if is_linear(layer) or is_conv(layer):
             size = _known_size(layer)
             shape = None if size is None else (int(getattr(layer, "in_channels", 0)), *size)
             out[name] = lipschitz_bound(layer, shape)
@@ -243,7 +246,7 @@ def _row(name: str, layer: nn.Module, size: tuple[int, ...] | None) -> ReportRow
             weight = getattr(owner, target.tensor_name).detach().double()
             matrix = weight_to_matrix(weight, target.dim)
             exact = max(exact, float(torch.linalg.matrix_norm(matrix, ord=2)))
-        if isinstance(layer, nn.Linear) or is_conv(layer):
+        if is_linear(layer) or is_conv(layer):
             bound = lipschitz_bound(layer)
     original_shape = tuple(_norms_with_weights(layer)[0][2].shape)
     return ReportRow(

@@ -14,10 +14,12 @@ import difflib
 import fnmatch
 import re
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 
-from torch import nn
+from torch import Tensor, nn
+from torch.nn.parameter import UninitializedParameter
 from torch.nn.utils import parametrize
 
 from .errors import (
@@ -29,10 +31,13 @@ from .errors import (
 
 __all__ = [
     "DEFAULT_LAYER_TYPES",
+    "LINEAR_LIKE_LAYERS",
     "LayerFilter",
     "Pattern",
     "check_model",
     "eligible_layers",
+    "is_linear",
+    "linear_like_dim",
     "select_layers",
 ]
 
@@ -51,6 +56,22 @@ DEFAULT_LAYER_TYPES: tuple[type[nn.Module], ...] = (
     nn.MultiheadAttention,
 )
 
+#: Linear layers of other libraries, by the qualified name of their class (or of a base
+#: class), with the dimension of their weight that holds the outputs (torch's ``dim``).
+#: Recognised by name and weight shape, so their library is never imported. Selected when
+#: ``layer_types`` is not given.
+LINEAR_LIKE_LAYERS: Mapping[str, int] = MappingProxyType(
+    {
+        # transformers' GPT-2 / GPT / ... projections: weight (in, out), forward x @ W + b.
+        "transformers.pytorch_utils.Conv1D": 1,
+        "transformers.modeling_utils.Conv1D": 1,  # its home before transformers 4.20
+    }
+)
+
+#: Layers with a weight of 2 or more dimensions that are lookups, not linear maps of the
+#: input: never normalized, and not reported as skipped.
+_LOOKUPS: tuple[type[nn.Module], ...] = (nn.Embedding, nn.EmbeddingBag)
+
 _REGEX_PREFIX = "re:"
 
 
@@ -61,6 +82,35 @@ def check_model(model: object) -> nn.Module:
             f"model must be a torch.nn.Module, got {type(model).__name__}: {model!r:.80}"
         )
     return model
+
+
+def linear_like_dim(module: nn.Module) -> int | None:
+    """The output dimension of ``module``'s weight if it is one of :data:`LINEAR_LIKE_LAYERS`.
+
+    Its class (or a base class) must have one of those qualified names, and its ``weight``
+    must be 2-D, with a 1-D ``bias`` (if any) of the output size. None otherwise.
+    """
+    for cls in type(module).__mro__:
+        dim = LINEAR_LIKE_LAYERS.get(f"{cls.__module__}.{cls.__qualname__}")
+        if dim is not None:
+            break
+    else:
+        return None
+    weight = module._parameters.get("weight")
+    parametrizations = module._modules.get("parametrizations")
+    if weight is None and isinstance(parametrizations, nn.ModuleDict):  # patched already
+        weight = getattr(parametrizations._modules.get("weight"), "original", None)
+    if not isinstance(weight, Tensor) or isinstance(weight, UninitializedParameter):
+        return None
+    bias = module._parameters.get("bias")
+    if weight.dim() != 2 or (bias is not None and tuple(bias.shape) != (weight.shape[dim],)):
+        return None
+    return dim
+
+
+def is_linear(module: nn.Module) -> bool:
+    """True for an ``nn.Linear`` (or subclass) and for a recognised linear-like layer."""
+    return isinstance(module, nn.Linear) or linear_like_dim(module) is not None
 
 
 def check_layer_types(layer_types: object) -> tuple[type[nn.Module], ...]:
@@ -184,29 +234,35 @@ class LayerFilter:
 
 
 def eligible_layers(
-    model: nn.Module, layer_types: tuple[type[nn.Module], ...]
+    model: nn.Module, layer_types: tuple[type[nn.Module], ...], *, linear_like: bool = False
 ) -> list[tuple[str, nn.Module]]:
     """The ``(name, module)`` pairs of ``model`` whose type is in ``layer_types``.
 
-    Each module is listed once (under its first name). The insides of an
-    ``nn.MultiheadAttention`` (its ``out_proj``) belong to it and are never listed on their
-    own, and parametrization containers are never walked.
+    With ``linear_like``, the layers of :data:`LINEAR_LIKE_LAYERS` too. Each module is
+    listed once (under its first name). The insides of an ``nn.MultiheadAttention`` (its
+    ``out_proj``) belong to it and are never listed on their own, and parametrization
+    containers are never walked.
     """
-    found: list[tuple[str, nn.Module]] = []
-    seen: set[int] = set()
-    for name, module, is_eligible in _walk(model, "", layer_types, seen):
-        if is_eligible:
-            found.append((name, module))
-    return found
+    return [
+        (name, module)
+        for name, module, is_eligible in _walk(model, "", layer_types, linear_like, set())
+        if is_eligible
+    ]
 
 
 def _walk(
-    module: nn.Module, name: str, layer_types: tuple[type[nn.Module], ...], seen: set[int]
+    module: nn.Module,
+    name: str,
+    layer_types: tuple[type[nn.Module], ...],
+    linear_like: bool,
+    seen: set[int],
 ) -> Iterator[tuple[str, nn.Module, bool]]:
     if id(module) in seen:
         return
     seen.add(id(module))
-    eligible = isinstance(module, layer_types)
+    eligible = isinstance(module, layer_types) or (
+        linear_like and linear_like_dim(module) is not None
+    )
     yield name, module, eligible
     if isinstance(module, nn.MultiheadAttention):
         # Its forward never calls out_proj.forward: out_proj is only ever patched as part
@@ -217,7 +273,61 @@ def _walk(
             continue
         if child_name == "parametrizations" and parametrize.is_parametrized(module):
             continue
-        yield from _walk(child, f"{name}.{child_name}" if name else child_name, layer_types, seen)
+        child_path = f"{name}.{child_name}" if name else child_name
+        yield from _walk(child, child_path, layer_types, linear_like, seen)
+
+
+def _unsupported_weights(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Layers of no eligible type whose own ``weight`` has 2 or more dimensions.
+
+    Lookups (``nn.Embedding``) are left out: what is left is what a user patching the
+    whole model would expect normalized and isn't.
+    """
+    found = []
+    for name, module, is_eligible in _walk(model, "", DEFAULT_LAYER_TYPES, True, set()):
+        weight = module._parameters.get("weight")
+        if (
+            is_eligible
+            or isinstance(module, _LOOKUPS)
+            or not isinstance(weight, Tensor)
+            or isinstance(weight, UninitializedParameter)
+            or weight.dim() < 2
+            or not weight.is_floating_point()
+        ):
+            continue
+        found.append((name, module))
+    return found
+
+
+def _silences(pattern: _NamePattern | _Predicate, layers: Sequence[tuple[str, nn.Module]]) -> bool:
+    # Only name patterns: a predicate is asked about eligible layers alone.
+    return isinstance(pattern, _NamePattern) and any(pattern.matches(name) for name, _ in layers)
+
+
+def _warn_unsupported(
+    unsupported: Sequence[tuple[str, nn.Module]], exclude: LayerFilter | None
+) -> None:
+    """Warn naming the ``unsupported`` layers that no exclude name pattern matches."""
+    skipped = [
+        (name, module)
+        for name, module in unsupported
+        if exclude is None or not any(_silences(p, [(name, module)]) for p in exclude.patterns)
+    ]
+    if not skipped:
+        return
+    listed = ", ".join(
+        f"{name or '(model)'!r} ({type(module).__name__}, weight "
+        f"{'x'.join(str(n) for n in module._parameters['weight'].shape)})"  # type: ignore[union-attr]
+        for name, module in skipped[:5]
+    )
+    more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
+    warnings.warn(
+        f"{len(skipped)} layer(s) with a weight of 2 or more dimensions are of no supported "
+        f"type and stay unnormalized: {listed}{more}. Pass layer_types=[...] to normalize "
+        "them (their weight as a matrix with dim=0), or exclude=[...] to silence this",
+        SnpatchWarning,
+        stacklevel=4,
+    )
 
 
 def _closest(pattern: str, names: Sequence[str]) -> list[str]:
@@ -232,8 +342,12 @@ def select_from(
     exclude: LayerFilter | None,
     *,
     what: str = "eligible",
+    unsupported: Sequence[tuple[str, nn.Module]] = (),
 ) -> list[tuple[str, nn.Module]]:
     """Apply validated include/exclude filters to ``candidates`` (in model order).
+
+    An exclude name pattern that matches only ``unsupported`` layers (which it silences,
+    see :func:`_warn_unsupported`) is not reported as matching nothing.
 
     Raises:
         NoMatchingLayersError: an include pattern matches no candidate, or nothing is left.
@@ -257,7 +371,7 @@ def select_from(
     if exclude is not None:
         dropped: set[str] = set()
         for pattern, hits in zip(exclude.patterns, exclude.matching(candidates), strict=True):
-            if not hits:
+            if not hits and not _silences(pattern, unsupported):
                 warnings.warn(
                     f"exclude {pattern.describe()} matched no {what} layer",
                     SnpatchWarning,
@@ -291,7 +405,8 @@ def select_layers(
         model: any ``nn.Module``.
         include: pattern(s) or a predicate selecting layers; None selects every eligible one.
         exclude: pattern(s) or a predicate removing layers from the selection.
-        layer_types: eligible layer classes (default :data:`DEFAULT_LAYER_TYPES`).
+        layer_types: eligible layer classes (default :data:`DEFAULT_LAYER_TYPES` and the
+            layers of :data:`LINEAR_LIKE_LAYERS`).
 
     Returns:
         The dotted names, in the order ``model.named_modules()`` gives them.
@@ -317,4 +432,12 @@ def resolve_selection(
     types = check_layer_types(layer_types)
     include_filter = LayerFilter.parse(include, "include")
     exclude_filter = LayerFilter.parse(exclude, "exclude")
-    return select_from(module, eligible_layers(module, types), include_filter, exclude_filter)
+    candidates = eligible_layers(module, types, linear_like=layer_types is None)
+    # Patching "the whole model" must not leave a layer unnormalized without a word.
+    whole_model = include is None and layer_types is None
+    unsupported = _unsupported_weights(module) if whole_model else []
+    selected = select_from(
+        module, candidates, include_filter, exclude_filter, unsupported=unsupported
+    )
+    _warn_unsupported(unsupported, exclude_filter)
+    return selected

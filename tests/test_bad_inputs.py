@@ -15,6 +15,7 @@ import snpatch
 from snpatch import (
     AlreadyPatchedError,
     NoMatchingLayersError,
+    SharedWeightError,
     SnpatchError,
     UnsupportedLayerError,
 )
@@ -187,8 +188,38 @@ def test_errors_subclass_the_builtins_they_mean() -> None:
     assert issubclass(NoMatchingLayersError, ValueError)
     assert issubclass(AlreadyPatchedError, RuntimeError)
     assert issubclass(UnsupportedLayerError, TypeError)
-    for error in (NoMatchingLayersError, AlreadyPatchedError, UnsupportedLayerError):
+    assert issubclass(SharedWeightError, ValueError)
+    for error in (
+        NoMatchingLayersError,
+        AlreadyPatchedError,
+        UnsupportedLayerError,
+        SharedWeightError,
+    ):
         assert issubclass(error, SnpatchError)
+
+
+def test_two_selected_layers_sharing_one_weight_are_refused() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4))
+    model[2].weight = model[0].weight
+    before = _snapshot(model)
+    with pytest.raises(SharedWeightError, match=r"'0.weight' and '2.weight' are one tensor"):
+        snpatch.apply_spectral_norm(model)
+    _assert_unchanged(model, before)
+    snpatch.apply_spectral_norm(model, exclude="2")  # one of them: fine
+
+
+def test_a_layer_sharing_an_already_normalized_weight_is_refused() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4))
+    model[2].weight = model[0].weight
+    snpatch.apply_spectral_norm(model, include="0")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(SharedWeightError, match=r"'2.weight' is the same tensor as '0.weight'"):
+        snpatch.apply_spectral_norm(model, include="2")
+    assert list(snpatch.patched_layers(model)) == ["0"]
+    assert type(model[2]) is nn.Linear
+    after = model.state_dict()
+    assert list(after) == list(before)
+    assert all(torch.equal(after[k], v) for k, v in before.items())
 
 
 @pytest.mark.parametrize(

@@ -376,6 +376,7 @@ def test_mixed_checkpoint_loads_layer_by_layer() -> None:
     plain = _built_net()
     legacy = copy.deepcopy(plain)
     torch.nn.utils.spectral_norm(legacy[2], dim=1)
+    legacy.train()(torch.randn(1, 3, 6, 6, dtype=torch.float64))  # iterated, as trained ones are
     patched = snpatch.apply_spectral_norm(copy.deepcopy(plain), include="4")
     checkpoint = {
         **{k: v for k, v in plain.state_dict().items() if k.startswith("0.")},
@@ -411,6 +412,199 @@ def test_unknown_or_missing_keys_still_fail_under_strict(
     model = snpatch.apply_spectral_norm(_built_net())
     with pytest.raises(RuntimeError, match=match):
         model.load_state_dict(checkpoint, strict=True)
+
+
+def _never_iterated(layout: str, weight: torch.Tensor) -> tuple[nn.Module, float]:
+    """A Linear with torch's spectral norm whose saved u, v give u^T W v < 0.
+
+    Legacy ``utils.spectral_norm`` starts from random u, v and iterates only in training
+    forwards, so a model saved before any has this about half the time; here the sign of u
+    is chosen so that it always has.
+    """
+    layer = nn.Linear(3, 5).double()
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+    if layout == "legacy":
+        torch.nn.utils.spectral_norm(layer)
+        u, v, original = layer.weight_u, layer.weight_v, layer.weight_orig
+    else:
+        torch.nn.utils.parametrizations.spectral_norm(layer)
+        norm = layer.parametrizations.weight[0]
+        u, v, original = norm._u, norm._v, layer.parametrizations.weight.original
+    with torch.no_grad():
+        if float(u @ original @ v) > 0:
+            u.neg_()
+    return layer.eval(), float(u @ original.detach() @ v)
+
+
+@pytest.mark.parametrize("layout", ["legacy", "parametrizations"])
+def test_checkpoint_with_non_positive_u_w_v_is_re_estimated_with_a_warning(layout: str) -> None:
+    weight = torch.randn(5, 3, dtype=torch.float64)
+    saved, divisor = _never_iterated(layout, weight)
+    assert divisor < 0
+    # What torch's model does with it: W / (u^T W v), sign flipped, norm unbounded.
+    x = torch.randn(4, 3, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(saved(x), nn.functional.linear(x, weight / divisor, saved.bias))
+    model = snpatch.apply_spectral_norm(nn.Sequential(nn.Linear(3, 5).double()), lipschitz=0.5)
+    with pytest.warns(snpatch.SnpatchWarning, match=r"'0\.weight' give u\^T W v = -.* <= 0"):
+        model.load_state_dict({f"0.{k}": v for k, v in saved.state_dict().items()})
+    layer = model[0].eval()
+    assert torch.equal(layer.parametrizations.weight.original, weight)
+    assert exact_sigma(layer)["weight"] == pytest.approx(0.5, rel=1e-6)
+    # Re-estimated, not flipped: the normalized weight is W scaled by a positive factor.
+    factor = layer.weight.detach() / weight
+    assert bool((factor > 0).all())
+    torch.testing.assert_close(factor, torch.full_like(factor, float(factor[0, 0])))
+
+
+# --- state_dict metadata and tied weights -------------------------------------------------
+
+
+def _with_other_parametrization() -> nn.Module:
+    class Scale(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return 2 * x
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    torch.nn.utils.parametrize.register_parametrization(model[2], "bias", Scale())
+    return model
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: torchvision.models.mnasnet0_5(weights=None),  # versioned _load_from_state_dict
+        _with_other_parametrization,  # the owner keeps a 'parametrizations' entry for its bias
+        lambda: nn.Sequential(nn.Linear(4, 4), nn.MultiheadAttention(4, 2)),
+    ],
+    ids=["mnasnet0_5", "other_parametrization", "attention"],
+)
+def test_plain_state_dict_keeps_the_metadata_of_the_never_patched_model(
+    build: Callable[[], nn.Module],
+) -> None:
+    torch.manual_seed(0)
+    never_patched = build()
+    model = snpatch.apply_spectral_norm(copy.deepcopy(never_patched))
+    plain = snpatch.plain_state_dict(model)
+    expected = never_patched.state_dict()
+    assert list(plain) == list(expected)
+    assert list(plain._metadata.items()) == list(expected._metadata.items())  # type: ignore[attr-defined]
+    fresh = build()
+    fresh.load_state_dict(plain, strict=True)
+    buffer = io.BytesIO()
+    torch.save(plain, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=True)
+    assert list(loaded._metadata.items()) == list(expected._metadata.items())
+
+
+class TiedLM(nn.Module):
+    """A GPT-2 look-alike: the output layer's weight is the input embedding's Parameter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(30, 8)
+        self.proj = nn.Linear(8, 8)
+        self.lm_head = nn.Linear(8, 30, bias=False)
+        self.lm_head.weight = self.wte.weight
+        with torch.no_grad():
+            self.wte.weight.mul_(3)  # sigma well above 1: normalization changes it
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(torch.tanh(self.proj(self.wte(ids))))
+
+
+class Mirror(nn.Module):
+    """Reads another layer's weight through a Parameter of its own (transposed)."""
+
+    def __init__(self, kernel: nn.Parameter) -> None:
+        super().__init__()
+        self.kernel = kernel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.kernel
+
+
+class Mirrored(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+        self.mirror = Mirror(self.fc.weight)
+        with torch.no_grad():
+            self.fc.weight.mul_(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) + self.mirror(x)
+
+
+TIED = {
+    # model, input, the patched layer, its weight's other reader (module, attribute)
+    "lm_head_and_embedding": (
+        TiedLM,
+        lambda: torch.randint(0, 30, (4, 5)),
+        "lm_head",
+        "wte.weight",
+    ),
+    "module_reading_it_elsewhere": (Mirrored, lambda: torch.randn(3, 6), "fc", "mirror.kernel"),
+}
+
+
+@pytest.mark.parametrize("case", list(TIED))
+def test_removal_never_changes_a_tied_weight_another_module_reads(case: str) -> None:
+    build, make_input, layer_name, reader = TIED[case]
+    torch.manual_seed(0)
+    model = snpatch.apply_spectral_norm(build(), include=layer_name).eval()
+    twin = copy.deepcopy(model)
+    x = make_input()
+    with torch.no_grad():
+        expected = model(x)
+    shared = model.get_parameter(reader)
+    values = shared.detach().clone()
+    layer = model.get_submodule(layer_name)
+    assert layer.parametrizations.weight.original is shared
+    with snpatch.exported(model):
+        assert model.get_parameter(reader) is shared
+        assert torch.equal(shared, values)
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+    assert layer.parametrizations.weight.original is shared
+    _assert_same_state(model, twin)
+    snapshot = snpatch.remove_spectral_norm(model)
+    assert model.get_parameter(reader) is shared
+    assert torch.equal(shared, values)
+    assert layer.weight is not shared
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+    assert list(model.state_dict()) == list(build().state_dict())
+    buffer = io.BytesIO()
+    torch.save(snapshot, buffer)
+    buffer.seek(0)
+    snpatch.restore_spectral_norm(model, torch.load(buffer, weights_only=True))
+    assert layer.parametrizations.weight.original is shared  # tied again
+    _assert_same_state(model, twin)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("case", list(TIED))
+def test_plain_state_dict_of_a_tied_weight_is_refused(case: str) -> None:
+    build, _, layer_name, reader = TIED[case]
+    model = snpatch.apply_spectral_norm(build(), include=layer_name)
+    state = _full_state(model)
+    with pytest.raises(snpatch.SharedWeightError, match=rf"'{layer_name}.weight'.*'{reader}'"):
+        snpatch.plain_state_dict(model)
+    assert all(torch.equal(v, state[k]) for k, v in _full_state(model).items())
+
+
+def test_restore_of_a_tied_weight_into_a_model_without_its_partner_is_refused() -> None:
+    model = snpatch.apply_spectral_norm(TiedLM(), include="lm_head")
+    snapshot = snpatch.remove_spectral_norm(model)
+    other = nn.Module()
+    other.lm_head = nn.Linear(8, 30, bias=False)
+    with pytest.raises(snpatch.SnapshotMismatchError, match="'weight' was tied to 'wte.weight'"):
+        snpatch.restore_spectral_norm(other, snapshot)
+    assert not snpatch.is_patched(other)
 
 
 # --- export targets ----------------------------------------------------------------------

@@ -151,3 +151,134 @@ def test_select_layers_matches_apply_spectral_norm() -> None:
     names = snpatch.select_layers(model, "encoder", "*.fc")
     snpatch.apply_spectral_norm(model, "encoder", "*.fc")
     assert list(snpatch.patched_layers(model)) == names
+
+
+# --- linear-like layers of other libraries, and layers skipped ------------------------------
+
+
+class Conv1D(nn.Module):
+    """transformers.pytorch_utils.Conv1D, rebuilt: weight (in, out), forward x @ W + b."""
+
+    def __init__(self, nf: int, nx: int) -> None:
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.randn(nx, nf))
+        self.bias = nn.Parameter(torch.randn(nf))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size_out = (*x.size()[:-1], self.nf)
+        return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(size_out)
+
+
+# Where transformers defines it (recognised by name: transformers is never imported).
+Conv1D.__module__ = "transformers.pytorch_utils"
+
+
+class OldConv1D(Conv1D):
+    pass
+
+
+OldConv1D.__module__, OldConv1D.__qualname__ = "transformers.modeling_utils", "Conv1D"
+
+
+class MyConv1D(Conv1D):
+    """A user's subclass of transformers' class: recognised through its base."""
+
+
+class GPTBlock(nn.Module):
+    """GPT-2's layout: attention c_attn/c_proj and MLP c_fc/c_proj are all Conv1D."""
+
+    def __init__(self, conv: type[Conv1D] = Conv1D) -> None:
+        super().__init__()
+        self.ln = nn.LayerNorm(8)
+        self.c_attn = conv(24, 8)
+        self.c_proj = conv(8, 8)
+        self.c_fc = conv(32, 8)
+        self.mlp_proj = conv(8, 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.c_proj(self.c_attn(self.ln(x))[..., :8])
+        return self.mlp_proj(torch.relu(self.c_fc(x)))
+
+
+class GPT(nn.Module):
+    def __init__(self, conv: type[Conv1D] = Conv1D) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(20, 8)
+        self.h = nn.ModuleList([GPTBlock(conv), GPTBlock(conv)])
+        self.lm_head = nn.Linear(8, 20, bias=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.wte(ids)
+        for block in self.h:
+            x = block(x)
+        return self.lm_head(x)
+
+
+PROJECTIONS = [f"h.{i}.{n}" for i in range(2) for n in ("c_attn", "c_proj", "c_fc", "mlp_proj")]
+
+
+@pytest.mark.parametrize("conv", [Conv1D, OldConv1D, MyConv1D], ids=["4.20+", "older", "subclass"])
+def test_transformers_conv1d_is_normalized_as_the_map_x_to_x_w(conv: type[Conv1D]) -> None:
+    torch.manual_seed(0)
+    model = GPT(conv)
+    assert snpatch.select_layers(model) == [*PROJECTIONS, "lm_head"]
+    snpatch.apply_spectral_norm(model, lipschitz=0.5)
+    assert "transformers" not in __import__("sys").modules
+    model.eval()
+    for name in PROJECTIONS:
+        layer = model.get_submodule(name)
+        norm = snpatch.spectral_norms(layer)["weight"]
+        assert norm.dim == 1  # u lives on the outputs (nf), v on the inputs (nx)
+        assert norm._u.shape == (layer.nf,)
+        weight = layer.weight.detach().double()
+        # x -> x W: its operator norm is the top singular value of W, at the target.
+        assert float(torch.linalg.matrix_norm(weight, ord=2)) == pytest.approx(0.5, rel=1e-5)
+        x = torch.randn(3, weight.shape[0])
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x), x @ layer.weight + layer.bias)
+        assert snpatch.lipschitz_bound(layer) >= 0.5 * (1 - 1e-6)
+    never = GPT(conv)
+    assert list(snpatch.plain_state_dict(model)) == list(never.state_dict())
+
+
+def test_a_conv1d_that_is_not_transformers_is_not_taken_for_it() -> None:
+    class Local(nn.Module):  # the same layer, in another library
+        def __init__(self, nf: int, nx: int) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(nx, nf))
+            self.bias = nn.Parameter(torch.randn(nf))
+
+    Local.__module__, Local.__qualname__, Local.__name__ = "mylib.layers", "Conv1D", "Conv1D"
+    wrong_bias = Conv1D(4, 6)
+    wrong_bias.bias = nn.Parameter(torch.zeros(6))  # not (out,): not transformers' layout
+    model = nn.Sequential(Local(4, 6), wrong_bias, nn.Linear(4, 4))
+    with pytest.warns(SnpatchWarning, match=r"2 layer\(s\).*'0' \(Conv1D, weight 6x4\), '1'"):
+        assert snpatch.select_layers(model) == ["2"]
+
+
+class Custom(nn.Module):
+    """A layer with a 2-D weight that snpatch has no rule for."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(4, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight
+
+
+def _with_custom() -> nn.Module:
+    model = nn.Sequential(nn.Embedding(10, 4), nn.LayerNorm(4), Custom(), nn.Linear(4, 4))
+    model.add_module("inner", nn.Sequential(Custom()))
+    return model
+
+
+def test_patching_the_whole_model_warns_naming_the_layers_with_a_weight_it_skips() -> None:
+    model = _with_custom()
+    with pytest.warns(SnpatchWarning, match=r"2 layer\(s\).*'2' \(Custom, weight 4x4\), 'inner.0'"):
+        snpatch.apply_spectral_norm(model)
+    assert list(snpatch.patched_layers(model)) == ["3"]
+    # No warning where the user chose: excluded by name, chosen by name, chosen by type.
+    for chosen in ({"exclude": ["2", "inner"]}, {"include": "3"}, {"layer_types": [nn.Linear]}):
+        snpatch.apply_spectral_norm(_with_custom(), **chosen)  # type: ignore[arg-type]
