@@ -36,6 +36,8 @@ safety margin of 1e-8 far above float64 rounding error):
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -54,6 +56,7 @@ from .parametrization import (
     _orthonormal,
     _scale,
     _scaled,
+    in_functorch_transform,
     lanczos_top,
     weight_to_matrix,
 )
@@ -62,7 +65,9 @@ __all__ = [
     "OPERATOR_BLOCK_SIZE",
     "ConvSpec",
     "OperatorNorm",
+    "certified_divisor",
     "conv_bound",
+    "conv_bound_up_to",
     "is_conv",
     "linear_maps",
     "matrix_bound",
@@ -92,6 +97,9 @@ _DENSE_LIMIT = 1024
 _DENSE_ENTRIES = 1 << 24
 # Complex entries processed per chunk of frequencies (memory bound).
 _CHUNK_ENTRIES = 1 << 23
+# Work (see _bound_cost) for bounding a certified circular/reflect/replicate conv on every
+# input size up to its recorded one, one by one (about a second on one CPU core).
+_UP_TO_BUDGET = 2e9
 
 
 def is_conv(module: nn.Module) -> bool:
@@ -456,6 +464,104 @@ def conv_bound(spec: ConvSpec, weight: Tensor, size: Sequence[int] | None) -> fl
     return _circulant_norm(weight, spec.groups, spec.dilation, grid, stride) * factor
 
 
+def conv_bound_up_to(spec: ConvSpec, weight: Tensor, size: Sequence[int] | None) -> float:
+    """Certified bound of the operator norm on every input size up to ``size`` (elementwise).
+
+    What a certified layer divides by: it may be fed any size up to the largest recorded
+    one (a larger input is recorded, and bounded, before its forward). With zero padding and
+    for transposed convolutions the operator on a smaller input is a submatrix of the one on
+    ``size``, so :func:`conv_bound` on ``size`` holds for all of them. Circular, reflect and
+    replicate padding are not monotone in the size (a circular conv bounded at 8x8 can be
+    above it at 6x6): while it is cheap (:data:`_UP_TO_BUDGET`), every accepted size up to
+    ``size`` is bounded and the largest bound taken. Otherwise reflect/replicate pad with
+    ``P`` and then run a valid convolution ``V``, whose matrix on a smaller input is a
+    submatrix: ``||V P|| <= ||V on the padded size|| * ||P||``, where ``||P||`` is largest for
+    a few tiny sizes (3 copies of one entry at size 3 for reflect, 1 for replicate), which
+    are bounded on their own padded size; circular falls back to the every-size bound.
+    ``size=None``: every size.
+    """
+    if size is None:
+        return _all_sizes_bound(spec, weight)
+    if spec.transposed or spec.padding_mode == "zeros":
+        return conv_bound(spec, weight, size)
+    extent = _kernel_extent(weight, spec)
+    pads = [
+        (spec.pad[2 * (spec.ndim - 1 - i)], spec.pad[2 * (spec.ndim - 1 - i) + 1])
+        for i in range(spec.ndim)
+    ]
+    factors = [
+        {m: f for m in range(1, n + 1) if (f := _pad_factor_1d(spec.padding_mode, *p, e, m)) > 0}
+        for n, p, e in zip(size, pads, extent, strict=True)
+    ]
+    sizes = list(itertools.product(*(sorted(f) for f in factors)))
+    if sum(_bound_cost(spec, weight, m) for m in sizes) <= _UP_TO_BUDGET:
+        return max(conv_bound(spec, weight, m) for m in sizes)
+    if spec.padding_mode == "circular":
+        return _all_sizes_bound(spec, weight)
+    valid = dataclasses.replace(
+        spec, padding=(0,) * spec.ndim, padding_mode="zeros", pad=(0,) * (2 * spec.ndim)
+    )
+    # Per dimension: the sizes whose factor is at most that of ``size`` (V on the padded
+    # ``size`` bounds them all), and each tiny size with a larger factor on its own.
+    options = [
+        [(n + sum(p), f[n]), *((m + sum(p), f[m]) for m in f if f[m] > f[n])]
+        for f, n, p in zip(factors, size, pads, strict=True)
+    ]
+    return max(
+        conv_bound(valid, weight, [shape for shape, _ in combo])
+        * math.prod(factor for _, factor in combo)
+        for combo in itertools.product(*options)
+    )
+
+
+def _bound_cost(spec: ConvSpec, weight: Tensor, size: Sequence[int]) -> float:
+    """Rough floating-point work of :func:`conv_bound` on ``size``."""
+    n_in = spec.in_channels * math.prod(size)
+    out_channels = weight.shape[1] * spec.groups if spec.transposed else weight.shape[0]
+    n_out = out_channels * math.prod(spec.output_size(size, weight))
+    if n_in <= _DENSE_LIMIT and n_in * n_out <= _DENSE_ENTRIES:
+        return float(n_in * n_out * min(n_in, n_out) + min(n_in, n_out) ** 3 * 2)
+    a, b = weight.shape[0] // spec.groups, weight.shape[1]
+    rank = min(a, b)
+    grid = math.prod(n + p for n, p in zip(size, spec.total_padding(), strict=True))
+    return float(grid * (rank**3 * 10 + a * b * rank) * spec.groups)
+
+
+def _round_up_to(value: float, dtype: torch.dtype) -> Tensor:
+    """``value`` in ``dtype``, rounded up (never to nearest): the smallest ``x >= value``."""
+    rounded = torch.tensor(value, dtype=torch.float64).to(dtype)
+    if float(rounded) < value:
+        rounded = torch.nextafter(rounded, torch.tensor(math.inf, dtype=dtype))
+    return rounded
+
+
+def certified_divisor(
+    conv: ConvSpec | None, weight: Tensor, dim: int, size: Sequence[int] | None
+) -> float:
+    """What a certified layer divides its weight by, so that its norm is <= the target.
+
+    The certified bound (a matrix: :func:`matrix_bound`; a convolution:
+    :func:`conv_bound_up_to` on ``size``) plus a margin for the rounding of the forward's
+    ``weight * scale`` in the weight's dtype: each entry is off by at most ``eps |entry|``,
+    and a convolution's norm is at most ``sqrt(taps) * ||.||_F`` of its kernel times the
+    padding factor, so the rounded weight's norm exceeds ``scale * bound`` by at most
+    ``scale * eps * sqrt(taps) * ||W||_F * factor``; times ``1 + 4 eps`` of float32 for the
+    rounding of ``lipschitz / divisor`` itself. (float32: a few 1e-6 relative; float16 and
+    bfloat16 round so coarsely that the margin is percents.)
+    """
+    w = weight.detach().to(torch.float64)
+    if conv is None:
+        bound = matrix_bound(weight_to_matrix(w, dim))
+        taps, factor = 1, 1.0
+    else:
+        bound = conv_bound_up_to(conv, w, size)
+        taps, factor = math.prod(w.shape[2:]), _all_sizes_pad_factor(conv, w)
+    if bound == 0.0:
+        return 0.0  # a zero weight stays zero (the forward divides by 1)
+    rounding = torch.finfo(weight.dtype).eps * math.sqrt(taps) * float(w.norm()) * factor
+    return (bound + rounding) * (1 + 4 * torch.finfo(torch.float32).eps)
+
+
 def _dense_matrix(spec: ConvSpec, weight: Tensor, size: Sequence[int]) -> Tensor | None:
     """The layer's matrix (float64, ``outputs x inputs``) when it is small, else None."""
     n_in = spec.in_channels * math.prod(size)
@@ -529,12 +635,20 @@ class OperatorNorm(SpectralNorm):
     norm, whose state ``_u``, ``_v`` this class keeps too), or, with ``certified``, by a
     certified bound valid for every input size.
 
-    With ``certified=True`` the value divided by is the certified bound ``_bound``
-    (recomputed at each training forward), while the gradient is that of the estimate.
+    With ``certified=True`` the value divided by is :func:`certified_divisor` of the weight
+    the forward is given (train or eval): a certified bound on every input size up to the
+    recorded one (:func:`conv_bound_up_to`; before any input, on every size) plus a margin
+    for the rounding of the normalized weight in its dtype, rounded up. It is computed
+    again whenever that weight's storage or version counter (``optimizer.step()``,
+    ``load_state_dict``, ``model.to(...)``) or the input size changed, and reused
+    otherwise; the gradient is that of the estimate. (In-place edits through ``.data``
+    bypass the version counter: call :func:`snpatch.update_sigma` after one.) Being a
+    function of the weight and the size, it is not saved: a loaded model computes the
+    same divisor, and eval outputs are those of the saved model.
 
     Buffers: ``_u``, ``_v`` (matrix state, saved), ``_input_size`` (long, zeros while
     unknown, saved), ``_op_v`` (``(1, C, *size)``, saved); not saved: ``_block``,
-    ``_sigma``, ``_op_block``, ``_op_sigma``, ``_bound`` (re-fitted after loading).
+    ``_sigma``, ``_op_block``, ``_op_sigma`` (re-fitted after loading).
 
     Args:
         weight, dim, lipschitz, mode, n_power_iterations, eps: as for :class:`SpectralNorm`.
@@ -552,7 +666,6 @@ class OperatorNorm(SpectralNorm):
     _op_v: Tensor
     _op_block: Tensor
     _op_sigma: Tensor
-    _bound: Tensor
 
     def __init__(
         self,
@@ -592,7 +705,9 @@ class OperatorNorm(SpectralNorm):
         self.register_buffer("_op_v", empty)
         self.register_buffer("_op_block", empty.clone(), persistent=False)
         self.register_buffer("_op_sigma", self._u.new_zeros(()), persistent=False)
-        self.register_buffer("_bound", self._u.new_zeros(()), persistent=False)
+        # (_bound_key of a weight, its certified divisor): derived from the weight alone,
+        # like the eval cache, so it is neither saved nor part of snapshots.
+        self._divisor_cache: tuple[tuple[object, ...] | None, Tensor] | None = None
         if conv is not None and input_size is not None:
             self._resize(weight, tuple(int(n) for n in input_size))
         if converge:
@@ -617,6 +732,8 @@ class OperatorNorm(SpectralNorm):
         norm.conv = None if conv is None else ConvSpec(*conv)
         norm.certified = bool(config["certified"])
         norm.operator_block_size = int(config["operator_block_size"])
+        norm._buffers.pop("_bound", None)  # a buffer in snapshots of earlier versions
+        norm._divisor_cache = None  # recomputed (the same value) at the next forward
         return norm
 
     @torch.no_grad()
@@ -663,11 +780,11 @@ class OperatorNorm(SpectralNorm):
             return
         if known is not None:
             size = tuple(max(n, m) for n, m in zip(size, known, strict=True))
-        with torch.no_grad():
+        # Under torch.inference_mode (validation or prediction before training) the new
+        # state must still be normal tensors: training updates it in place later.
+        with torch.no_grad(), torch.inference_mode(False):
             self._resize(weight, size)
             self._converge_operator(weight)
-            if self.certified:
-                self._update_bound(weight)
 
     # --- estimation ----------------------------------------------------------------
     @torch.no_grad()
@@ -738,16 +855,52 @@ class OperatorNorm(SpectralNorm):
                     self._operator_step(w)
                 if self.n_power_iterations == 0:
                     self._op_sigma.copy_(self._live(w))
-        if self.certified:
-            self._update_bound(weight)
+
+    def _bound_key(self, weight: Tensor) -> tuple[object, ...] | None:
+        """What the divisor depends on: the weight's storage and version, the input size.
+
+        Host-side metadata only (no device synchronization). None for a tensor without a
+        version counter (an inference tensor), whose divisor is recomputed at every forward.
+        """
+        try:
+            version = weight._version
+        except RuntimeError:
+            return None
+        return (
+            weight.data_ptr(),
+            version,
+            weight.dtype,
+            weight.device,
+            weight.shape,
+            self._op_v.shape,
+            self._u.dtype,
+        )
 
     def _update_bound(self, weight: Tensor) -> None:
+        """Store the certified divisor of ``weight`` (see :func:`certified_divisor`)."""
         w = weight.detach()
-        if self.conv is None:
-            value = matrix_bound(weight_to_matrix(w, self.dim))
-        else:
-            value = conv_bound(self.conv, w, self.input_size)
-        self._bound.fill_(value)
+        size = self.input_size if self.conv is not None else None
+        value = certified_divisor(self.conv, w, self.dim, size)
+        with torch.no_grad(), torch.inference_mode(False):
+            divisor = _round_up_to(value, self._u.dtype).to(self._u.device)
+        self._divisor_cache = (self._bound_key(weight), divisor)
+
+    def _divisor(self, weight: Tensor) -> Tensor:
+        """The certified divisor of ``weight``, recomputed when the weight or size changed.
+
+        The weight an eval forward sees after ``optimizer.step()`` (or ``load_state_dict``,
+        ``model.to(...)``, an in-place edit) has a new version or storage, so its bound is
+        computed before it is used; a forward of an unchanged weight reuses it. Under
+        ``torch.func`` transforms the weight is a wrapper: the divisor stored for the
+        weight last seen outside is used (:func:`snpatch.update_sigma` refreshes it).
+        """
+        cache = self._divisor_cache
+        if cache is None or not in_functorch_transform():
+            key = self._bound_key(weight)
+            if cache is None or key is None or key != cache[0]:
+                self._update_bound(weight)
+        assert self._divisor_cache is not None
+        return self._divisor_cache[1]
 
     def _live(self, w: Tensor) -> Tensor:
         """What the forward divides by (before certification), differentiable in ``w``."""
@@ -776,8 +929,12 @@ class OperatorNorm(SpectralNorm):
             self.advance(weight)
         with torch.autocast(weight.device.type, enabled=False):
             live = self._live(weight.to(self._u.dtype))
-            bound = self._bound.clone()
-            sigma = live + (bound - live).detach() if self.certified else live
+            if self.certified:
+                # The value is the divisor exactly (live - live is 0 in any rounding); the
+                # gradient is the estimate's.
+                sigma = self._divisor(weight).clone() + (live - live.detach())
+            else:
+                sigma = live
             return _scaled(weight, _scale(sigma, self.lipschitz, self.mode == "soft", self.eps))
 
     def _load_from_state_dict(
@@ -806,7 +963,8 @@ class OperatorNorm(SpectralNorm):
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> OperatorNorm:
         super()._apply(fn, recurse)
-        for name in ("_op_v", "_op_block", "_op_sigma", "_bound"):
+        self._divisor_cache = None
+        for name in ("_op_v", "_op_block", "_op_sigma"):
             buffer = self._buffers[name]
             if buffer is not None and buffer.dtype in _LOW_PRECISION:
                 self._buffers[name] = buffer.float()

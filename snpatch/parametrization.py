@@ -385,16 +385,27 @@ def lanczos_top(
 
     ``apply(v) = A v`` and ``adjoint(u) = A^T u`` on flat vectors (a matrix, or a
     convolution and its vector-Jacobian product). Full reorthogonalization; stops once the
-    top Ritz value changes by less than ``rtol`` (checked every few steps) or after
-    ``steps`` steps (at most the smaller dimension of ``A``). Krylov methods separate a
-    clustered top of the spectrum far faster than subspace iteration, which is what large
-    randomly initialized layers (and convolution operators) have.
+    top Ritz value changes by less than ``rtol`` (checked every few steps), after ``steps``
+    steps (at most the smaller dimension of ``A``), or at a breakdown: when ``A v`` or
+    ``A^T u`` has nothing left outside the vectors found so far (below
+    ``sqrt(machine epsilon)`` of the largest coefficient), the Krylov space is invariant and
+    its Ritz values are singular values of ``A``; normalizing the rounding noise left there
+    would build a bidiagonal that no longer describes ``A`` (and overestimates its norm).
+    Operators of rank below their size (inputs a strided kernel never reads, constant
+    kernels) break down after at most their rank's worth of steps. The value is never above
+    ``||A||`` beyond rounding. Fewer than ``k`` Ritz vectors are completed with random
+    orthonormal ones. Krylov methods separate a clustered top of the spectrum far faster
+    than subspace iteration, which is what large randomly initialized layers (and
+    convolution operators) have.
     """
     us: list[Tensor] = []
     vs: list[Tensor] = [F.normalize(start, dim=0)]
     alphas: list[Tensor] = []
     betas: list[Tensor] = []
     previous = torch.zeros((), dtype=start.dtype, device=start.device)
+    tolerance = torch.finfo(start.dtype).eps ** 0.5
+    # The largest coefficient so far: a lower bound of ||A||, the scale of rounding noise.
+    scale = torch.zeros((), dtype=start.dtype, device=start.device)
     for j in range(steps):
         u = apply(vs[j])
         if us:
@@ -402,6 +413,12 @@ def lanczos_top(
             u = u - left @ (left.mT @ u)
             u = u - left @ (left.mT @ u)
         alpha = u.norm()
+        scale = torch.maximum(scale, alpha)
+        # One sync per step; the run already syncs every few steps for its stopping test.
+        if j > 0 and bool(alpha <= tolerance * scale):
+            # A v_j lies in span(u_1..u_{j-1}): column j of B is (beta_{j-1}, 0).
+            alphas.append(torch.zeros_like(alpha))
+            break
         us.append(u / alpha.clamp_min(torch.finfo(u.dtype).tiny))
         alphas.append(alpha)
         v = adjoint(us[j])
@@ -409,7 +426,10 @@ def lanczos_top(
         v = v - right @ (right.mT @ v)
         v = v - right @ (right.mT @ v)
         beta = v.norm()
+        scale = torch.maximum(scale, beta)
         if j + 1 < steps:
+            if bool(beta <= tolerance * scale):
+                break  # A^T u_j lies in span(v_1..v_j): B is square, j + 1 columns
             vs.append(v / beta.clamp_min(torch.finfo(v.dtype).tiny))
             betas.append(beta)
         if (j + 1) % 8 == 0 or j + 1 == steps:
@@ -419,7 +439,12 @@ def lanczos_top(
             previous = top
     bidiag = _bidiagonal(alphas, betas)
     _, values, vh = torch.linalg.svd(bidiag)
-    basis = torch.stack(vs[: bidiag.shape[1]], 1) @ vh[:k].mT
+    columns = min(len(vs), bidiag.shape[1])
+    basis = torch.stack(vs[:columns], 1) @ vh[: min(k, columns), :columns].mT
+    if basis.shape[1] < k:
+        # A breakdown before k steps: complete the block with random orthogonal directions.
+        extra = torch.randn(basis.shape[0], k - basis.shape[1], dtype=basis.dtype)
+        basis = torch.cat([basis, extra.to(basis.device)], 1)
     ortho: Tensor = torch.linalg.qr(basis)[0]
     return float(values[0]), ortho
 

@@ -202,8 +202,11 @@ def spectral_report(model: nn.Module, input_shape: Sequence[int] | None = None) 
     restored), to learn each convolution's input size; like any forward, it also records
     that size in operator-mode layers. ``sigma_exact`` is then the operator norm on that
     size (Lanczos to convergence) for every convolution, whatever its method, and the
-    matrix norm of the effective weight otherwise. ``within_target`` is
-    ``sigma_exact <= target * (1 + 5e-3)``.
+    matrix norm of the effective weight otherwise. ``bound`` is :func:`lipschitz_bound` on
+    that one size (every size for a conv without one). A ``certified=True`` layer divides by
+    a bound on every input size up to its recorded one, which for circular, reflect and
+    replicate padding can be above ``bound`` (smaller inputs can have larger norms there).
+    ``within_target`` is ``sigma_exact <= target * (1 + 5e-3)``.
 
     Raises:
         TypeError: ``model`` is not a module.

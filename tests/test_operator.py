@@ -362,3 +362,240 @@ def test_config_rebuilds_the_parametrization_without_estimating() -> None:
     norm.eval()
     rebuilt.eval()
     torch.testing.assert_close(rebuilt(weight), norm(weight))
+
+
+# --- issue 13: inference mode, rank-deficient operators, certified for any forward ------
+
+
+@pytest.mark.parametrize("certified", [False, True])
+@pytest.mark.parametrize("first", [6, 9], ids=["same-size", "larger"])
+def test_state_recorded_under_inference_mode_keeps_training(certified: bool, first: int) -> None:
+    # Lightning's trainer.validate() / predict() before fit: the first forward runs under
+    # torch.inference_mode, in eval mode; training must go on from the state it recorded.
+    torch.manual_seed(7)
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    snpatch.apply_spectral_norm(conv, method="operator", certified=certified)
+    norm = snpatch.spectral_norms(conv)["weight"]
+    assert isinstance(norm, OperatorNorm)
+    conv.eval()
+    with torch.inference_mode():
+        conv(torch.randn(1, 3, 6, 6))
+    assert norm.input_size == (6, 6)
+    assert not any(buffer.is_inference() for buffer in norm.buffers())
+    conv.train()
+    conv(torch.randn(2, 3, first, first)).sum().backward()
+    conv.eval()
+    with torch.inference_mode():  # a first larger input under inference mode, after training
+        conv(torch.randn(1, 3, 11, 11))
+    assert norm.input_size == (11, 11)
+    conv.train()
+    conv(torch.randn(2, 3, 11, 11)).sum().backward()
+    exact = dense_norm(conv, (11, 11))
+    assert exact <= 1.0 if certified else math.isclose(exact, 1.0, rel_tol=TRAINED_RTOL)
+
+
+def _rank_deficient() -> list[tuple[nn.Module, tuple[int, ...]]]:
+    """Layers whose operator has rank below both of its dimensions, and an input size."""
+    torch.manual_seed(8)
+    # Kernel extent below the stride, with padding: some inputs are never read.
+    skipping = nn.Conv2d(2, 4, (1, 4), stride=(2, 1), padding=(1, 3), bias=False)  # the issue's
+    constant = nn.Conv1d(2, 2, 2, stride=2, padding=2, bias=False)
+    grouped = nn.Conv1d(18, 24, 1, stride=3, groups=3, bias=False)
+    with torch.no_grad():
+        constant.weight.fill_(0.5)
+        grouped.weight.fill_(1.0)
+    return [(skipping, (4, 4)), (constant, (9,)), (grouped, (20,))]
+
+
+def _dense_matrix(layer: nn.Module, size: tuple[int, ...]) -> torch.Tensor:
+    reference = plain_copy(layer)
+    n = reference.in_channels * math.prod(size)
+    basis = torch.eye(n, dtype=torch.float64).reshape(n, reference.in_channels, *size)
+    with torch.no_grad():
+        return reference(basis).reshape(n, -1)
+
+
+@pytest.mark.parametrize("index", range(3))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_lanczos_never_exceeds_the_norm_of_a_rank_deficient_operator(
+    index: int, dtype: torch.dtype
+) -> None:
+    layer, size = _rank_deficient()[index]
+    matrix = _dense_matrix(layer, size)
+    assert int(torch.linalg.matrix_rank(matrix)) < min(matrix.shape)  # what the case is for
+    exact = float(torch.linalg.matrix_norm(matrix, ord=2))
+    spec = snpatch.operator.ConvSpec.of(layer)
+    apply, adjoint, n = snpatch.operator.linear_maps(spec, layer.weight.detach().to(dtype), size)
+    steps = min(n, matrix.shape[1])  # as many steps as the smaller dimension, as operator mode
+    rtol = 1e-9 if dtype == torch.float64 else 1e-5
+    for seed in range(10):
+        start = torch.randn(n, dtype=dtype, generator=torch.Generator().manual_seed(seed))
+        value, basis = snpatch.parametrization.lanczos_top(apply, adjoint, steps, 4, start)
+        assert exact * (1 - 1e-4) <= value <= exact * (1 + rtol)
+        torch.testing.assert_close(basis.mT @ basis, torch.eye(4, dtype=dtype))
+
+
+def test_operator_norm_of_a_constant_grouped_strided_conv() -> None:
+    conv = nn.Conv1d(18, 24, 1, stride=3, groups=3, bias=False)
+    with torch.no_grad():
+        conv.weight.fill_(1.0)
+    value = snpatch.operator.operator_norm(snpatch.operator.ConvSpec.of(conv), conv.weight, (89,))
+    assert math.isclose(value, math.sqrt(48.0), rel_tol=1e-9)  # 6.93; Lanczos gave 7.52
+    assert math.isclose(value, dense_norm(conv, (89,)), rel_tol=1e-9)
+
+
+@pytest.mark.parametrize("index", range(3))
+def test_rank_deficient_layers_sit_at_their_target(index: int) -> None:
+    layer, size = _rank_deficient()[index]
+    x = torch.randn(2, layer.in_channels, *size)  # type: ignore[arg-type]
+    snpatch.apply_spectral_norm(layer, method="operator", example_inputs=(x,))
+    assert math.isclose(dense_norm(layer, size), 1.0, rel_tol=TRAINED_RTOL)
+    layer(x)
+    assert math.isclose(dense_norm(layer, size), 1.0, rel_tol=TRAINED_RTOL)
+
+
+def _certified_net() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 4, 3, stride=2, padding=1, padding_mode="circular"),
+        nn.Flatten(),
+        nn.Linear(64, 3),
+    )
+
+
+def _certified_norms(model: nn.Module) -> list[float]:
+    linear = model[4].weight.detach().double()
+    return [
+        dense_norm(model[0], (8, 8)),
+        dense_norm(model[2], (8, 8)),
+        float(torch.linalg.matrix_norm(linear, ord=2)),
+    ]
+
+
+def test_certified_holds_for_the_eval_weight_after_each_optimizer_step() -> None:
+    torch.manual_seed(9)
+    x = torch.randn(8, 3, 8, 8)
+    model = _certified_net()
+    snpatch.apply_spectral_norm(
+        model, method="operator", certified=True, lipschitz=0.8, example_inputs=(x,)
+    )
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(5):
+        model.train()
+        loss = model(x).pow(2).sum()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        model.eval()  # no training forward since the step: the eval weight is the new one
+        assert max(_certified_norms(model)) <= 0.8
+
+
+def test_certified_model_loads_with_the_eval_outputs_it_was_saved_with() -> None:
+    torch.manual_seed(10)
+    x = torch.randn(8, 3, 8, 8)
+    model = _certified_net()
+    snpatch.apply_spectral_norm(model, method="operator", certified=True, example_inputs=(x,))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(3):
+        loss = model(x).pow(2).sum()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        expected = model(x)
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    buffer.seek(0)
+    fresh = _certified_net()
+    snpatch.apply_spectral_norm(fresh, method="operator", certified=True, example_inputs=(x,))
+    fresh.load_state_dict(torch.load(buffer, weights_only=True))
+    fresh.eval()
+    with torch.no_grad():
+        assert torch.equal(fresh(x), expected)
+
+
+@pytest.mark.parametrize(("value", "lipschitz"), [(3.0, 1.0), (3.0, 0.7), (0.3, 0.7), (1.0, 0.7)])
+def test_certified_divisor_is_rounded_up(value: float, lipschitz: float) -> None:
+    # A rank-1 operator: the float64 bound is exact, so rounding it to nearest float32
+    # (the state's dtype) put the layer 1 ulp above its target (1.000000067 for 3.0).
+    conv = nn.Conv1d(1, 1, 2, bias=False)
+    with torch.no_grad():
+        conv.weight.fill_(value)
+    snpatch.apply_spectral_norm(
+        conv,
+        method="operator",
+        certified=True,
+        lipschitz=lipschitz,
+        example_inputs=(torch.randn(1, 1, 2),),
+    )
+    for mode in (True, False):
+        conv.train(mode)
+        assert dense_norm(conv, (2,)) <= lipschitz
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_certified_holds_in_every_weight_dtype(dtype: torch.dtype) -> None:
+    torch.manual_seed(11)
+    worst = 0.0
+    for _ in range(5):
+        conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        snpatch.apply_spectral_norm(
+            conv, method="operator", certified=True, example_inputs=(torch.randn(1, 3, 6, 6),)
+        )
+        conv.to(dtype).eval()
+        worst = max(worst, dense_norm(conv, (6, 6)))
+    assert worst <= 1.0
+
+
+@pytest.mark.parametrize("mode", ["circular", "reflect", "replicate"])
+@pytest.mark.parametrize("budget", [None, 0.0], ids=["every-size", "structural"])
+def test_certified_non_zero_padding_holds_at_every_smaller_size(
+    mode: str, budget: float | None
+) -> None:
+    torch.manual_seed(12)
+    original = snpatch.operator._UP_TO_BUDGET
+    worst = 0.0
+    try:
+        if budget is not None:
+            snpatch.operator._UP_TO_BUDGET = budget  # the path for layers too big to enumerate
+        for stride in (1, 2):
+            conv = nn.Conv2d(2, 3, 3, stride=stride, padding=1, padding_mode=mode)
+            snpatch.apply_spectral_norm(
+                conv, method="operator", certified=True, example_inputs=(torch.randn(1, 2, 8, 8),)
+            )
+            conv.eval()
+            for m in range(2, 9):
+                for size in ((m, m), (m, 8)):
+                    worst = max(worst, dense_norm(conv, size))
+    finally:
+        snpatch.operator._UP_TO_BUDGET = original
+    assert worst <= 1.0
+
+
+@FEWER
+@given(conv_layers(max_inputs=100), st.data())
+def test_bound_up_to_a_size_holds_at_every_smaller_size(
+    case: tuple[nn.Module, tuple[int, ...]], data: st.DataObject
+) -> None:
+    layer, size = case
+    spec = snpatch.operator.ConvSpec.of(layer)
+    extent = [d * (k - 1) + 1 for k, d in zip(layer.kernel_size, layer.dilation, strict=True)]
+    pads = spec.total_padding()
+    # A smaller size the layer accepts (reflect needs more input than padding).
+    low = [
+        max(1, e - p, (p // 2 + 1) if spec.padding_mode == "reflect" else 1)
+        for e, p in zip(extent, pads, strict=True)
+    ]
+    assume(all(lo <= n for lo, n in zip(low, size, strict=True)))
+    smaller = tuple(data.draw(st.integers(lo, n)) for lo, n in zip(low, size, strict=True))
+    assume(min(spec.output_size(smaller, layer.weight)) >= 1)
+    exact = dense_norm(layer, smaller)
+    assert snpatch.operator.conv_bound_up_to(spec, layer.weight, size) >= exact * (1 - 1e-9)
+    original = snpatch.operator._UP_TO_BUDGET
+    try:
+        snpatch.operator._UP_TO_BUDGET = 0.0
+        assert snpatch.operator.conv_bound_up_to(spec, layer.weight, size) >= exact * (1 - 1e-9)
+    finally:
+        snpatch.operator._UP_TO_BUDGET = original
