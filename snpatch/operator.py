@@ -747,9 +747,11 @@ class OperatorNorm(SpectralNorm):
     @property
     def input_size(self) -> tuple[int, ...] | None:
         """The spatial input size the operator norm is for, or None before any input."""
+        # Read off the state's shape, (1, channels, *size), not the saved ``_input_size``
+        # buffer: reading a CUDA tensor on the host would synchronize every forward.
         if self.conv is None or self._op_v.numel() == 0:
             return None
-        return tuple(int(n) for n in self._input_size.tolist())
+        return tuple(self._op_v.shape[2:])
 
     def _state(self, weight: Tensor) -> Tensor:
         return weight.detach().to(self._u.dtype)

@@ -72,11 +72,15 @@ def test_training_forward_never_synchronizes(name: str) -> None:
     assert synchronizing_ops(build, snpatch.apply_spectral_norm, shape, training=True) == set()
 
 
-@pytest.mark.xfail(strict=True, reason="issue 14: operator mode reads its input size on the host")
-@pytest.mark.parametrize("training", [False, True])
-def test_operator_mode_never_synchronizes(training: bool) -> None:
+def test_operator_mode_eval_forward_never_synchronizes() -> None:
     build, shape = MODELS["conv"]
-    assert synchronizing_ops(build, _operator, shape, training=training) == set()
+    assert synchronizing_ops(build, _operator, shape, training=False) == set()
+
+
+@pytest.mark.xfail(strict=True, reason="issue 14: the operator block step's SVD synchronizes")
+def test_operator_mode_training_forward_never_synchronizes() -> None:
+    build, shape = MODELS["conv"]
+    assert synchronizing_ops(build, _operator, shape, training=True) == set()
 
 
 def _torch_spectral_norm(model: nn.Module) -> None:
