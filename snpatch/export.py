@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from .distributed import check_not_sharded
 from .errors import AlreadyPatchedError, InvalidArgumentTypeError, SnapshotMismatchError
 from .operator import OperatorNorm
 from .parametrization import SpectralNorm
@@ -109,6 +110,8 @@ def remove_spectral_norm(
 
     Raises:
         NoMatchingLayersError: an include pattern matched no patched layer.
+        WrappedModelError: a selected layer is sharded by ``fully_shard``; nothing changed
+            (:func:`plain_state_dict` works on a sharded model).
 
     Example:
         >>> import torch.nn as nn, snpatch
@@ -128,6 +131,7 @@ def remove_spectral_norm(
         LayerFilter.parse(exclude, "exclude"),
         what="patched",
     )
+    check_not_sharded(layers, "take the spectral normalization off")
     # Everything is computed before the first layer changes.
     plans = []
     records: dict[str, dict[str, dict[str, Any]]] = {}
@@ -184,6 +188,7 @@ def restore_spectral_norm(model: T_module, snapshot: SpectralNormSnapshot) -> T_
         SnapshotMismatchError: a layer of the snapshot is missing from the model, or its
             weights differ in name, shape or dtype. Nothing is changed then.
         AlreadyPatchedError: a layer of the snapshot is patched again already.
+        WrappedModelError: a layer of the snapshot is sharded by ``fully_shard``.
     """
     module = check_model(model)
     if not isinstance(snapshot, SpectralNormSnapshot):
@@ -197,6 +202,10 @@ def restore_spectral_norm(model: T_module, snapshot: SpectralNormSnapshot) -> T_
         )
     # Every layer is checked, and its parametrizations built, before the first one changes.
     plans = [_plan_restore(module, name, weights) for name, weights in snapshot.layers.items()]
+    check_not_sharded(
+        [(name, layer) for name, (layer, _) in zip(snapshot.layers, plans, strict=True)],
+        "restore the spectral normalization of",
+    )
     for layer, targets in plans:
         with torch.no_grad():
             for _, _, parameter, original, _ in targets:
@@ -267,6 +276,9 @@ def plain_state_dict(model: nn.Module) -> dict[str, Tensor]:
 
     Doesn't change the model. The result loads with ``strict=True`` into the model built
     without snpatch, e.g. to publish a checkpoint for ``resnet18().load_state_dict``.
+    On a model sharded by ``fully_shard`` every rank must call it (it gathers each
+    normalized weight); like ``model.state_dict()`` there, it holds ``DTensor`` shards
+    (``torch.distributed.checkpoint`` saves them; ``.full_tensor()`` gathers one).
 
     Example:
         >>> import torch.nn as nn, snpatch
@@ -275,6 +287,10 @@ def plain_state_dict(model: nn.Module) -> dict[str, Tensor]:
         <All keys matched successfully>
     """
     module = check_model(model)
+    # First: on a model sharded by fully_shard, state_dict() puts the DTensor shards back
+    # in place of full tensors gathered for a forward, so the originals read below are
+    # those shards (and the effective weights come out sharded the same way).
+    state = module.state_dict()
     # "<owner>.parametrizations.<tensor>." -> (owner prefix, tensor, order before patching,
     # effective weight)
     replace: dict[str, tuple[str, str, tuple[str, ...], Tensor]] = {}
@@ -294,7 +310,7 @@ def plain_state_dict(model: nn.Module) -> dict[str, Tensor]:
                 norm.effective_weight(original),
             )
     items: list[tuple[str, Tensor]] = []
-    for key, value in module.state_dict().items():
+    for key, value in state.items():
         patched, rest = _split_patched_key(key)
         if patched not in replace:
             items.append((key, value))

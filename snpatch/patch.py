@@ -359,7 +359,8 @@ def apply_spectral_norm(
         NoMatchingLayersError: an include pattern matched nothing, or nothing is selected.
         AlreadyPatchedError: a selected layer already has spectral normalization.
         UnsupportedLayerError: a selected layer is lazy or has no usable weight.
-        WrappedModelError: the model is already wrapped in ``DistributedDataParallel``.
+        WrappedModelError: the model is already wrapped in ``DistributedDataParallel`` or
+            sharded by ``fully_shard`` (patch first, then wrap or shard).
 
     On any error the model is left exactly as it was.
 
