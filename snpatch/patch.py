@@ -22,7 +22,7 @@ from torch.nn.utils import parametrizations as torch_parametrizations
 from torch.nn.utils import parametrize
 from torch.nn.utils.spectral_norm import SpectralNorm as _LegacySpectralNorm
 
-from .distributed import check_not_wrapped
+from .distributed import check_not_wrapped, gathered
 from .errors import (
     AlreadyPatchedError,
     InvalidArgumentError,
@@ -784,6 +784,7 @@ def update_sigma(model: T_module, steps: int | None = None) -> T_module:
             if steps is None:
                 norm.converge(original)
             else:
+                full = gathered(original)  # sharded by fully_shard: every rank calls this
                 for _ in range(steps):
-                    norm.power_step(original)
+                    norm.power_step(full)
     return model

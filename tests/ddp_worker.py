@@ -297,6 +297,14 @@ def fsdp_checkpoint(rank: int, directory: Path) -> dict[str, torch.Tensor]:
     for name, layer in snpatch.patched_layers(loaded).items():
         found[f"loaded_sigma:{name}"] = layer.parametrizations.weight[0]._sigma.clone()
         found[f"loaded_weight:{name}"] = _full(layer.parametrizations.weight.original)
+    # update_sigma on the sharded model, after an edit of the shards in place (x3).
+    first = loaded[0].parametrizations.weight
+    with torch.no_grad():
+        first.original.mul_(3.0)
+    for key, steps in (("update_sigma_steps_1", 1), ("update_sigma_exact", None)):
+        snpatch.update_sigma(loaded, steps=steps)
+        found[key] = first[0]._sigma.clone()
+    found["update_sigma_weight"] = _full(first.original)
     return found
 
 

@@ -341,6 +341,12 @@ def test_fsdp_checkpoint_round_trip_with_distributed_checkpoint(ranks: list[Resu
             sigma = float(found[f"loaded_sigma:{name}"])
             exact = _matrix_norm(found[f"loaded_weight:{name}"])
             assert abs(sigma - exact) < 1e-5 * exact, name
+        # update_sigma gathers the sharded weights, with steps (a tripled weight keeps its
+        # singular vectors: one step is exact) and without.
+        exact = _matrix_norm(found["update_sigma_weight"])
+        assert abs(exact - 3 * _matrix_norm(found["loaded_weight:0"])) < 1e-5 * exact
+        for key in ("update_sigma_steps_1", "update_sigma_exact"):
+            assert abs(float(found[key]) - exact) < 1e-5 * exact, key
     assert all(
         torch.equal(ranks[0]["fsdp_checkpoint"][k], v)
         for k, v in ranks[1]["fsdp_checkpoint"].items()
