@@ -204,8 +204,8 @@ def fsdp(rank: int, method: str, bf16: bool = False) -> dict[str, torch.Tensor]:
     shard(model, mp_policy=policy)
     optimizer = adam(model)
     x, y = make_batch()
-    shard_ = slice(rank * BATCH // 2, (rank + 1) * BATCH // 2)
-    train(model, x[shard_], y[shard_], steps=1, optimizer=optimizer)
+    part = slice(rank * BATCH // 2, (rank + 1) * BATCH // 2)
+    train(model, x[part], y[part], steps=1, optimizer=optimizer)
     found = {}
     try:
         with snpatch.exported(model):
@@ -213,8 +213,8 @@ def fsdp(rank: int, method: str, bf16: bool = False) -> dict[str, torch.Tensor]:
     except snpatch.SnpatchError as error:
         found["error:exported"] = _message(error)
     found["patched_after_refusal"] = torch.tensor(len(snpatch.patched_layers(model)))
-    train(model, x[shard_], y[shard_], steps=STEPS - 1, optimizer=optimizer)
-    catch_up(model, x[shard_])
+    train(model, x[part], y[part], steps=STEPS - 1, optimizer=optimizer)
+    catch_up(model, x[part])
     found.update(state(model))
     found.update({f"plain:{k}": _full(v) for k, v in snpatch.plain_state_dict(model).items()})
     if bf16:
@@ -250,8 +250,8 @@ def fsdp_patch_after_shard(rank: int) -> dict[str, torch.Tensor]:
             found[key] = _message(error)
     found["patched"] = torch.tensor(snpatch.is_patched(model) or snpatch.is_patched(root_only))
     found["is_fsdp_module"] = torch.tensor(isinstance(model[3], FSDPModule))
-    shard_ = slice(rank * BATCH // 2, (rank + 1) * BATCH // 2)
-    train(model, x[shard_], y[shard_], optimizer=adam(model))
+    part = slice(rank * BATCH // 2, (rank + 1) * BATCH // 2)
+    train(model, x[part], y[part], optimizer=adam(model))
     found.update(state(model))
     return found
 
@@ -271,8 +271,8 @@ def fsdp_checkpoint(rank: int, directory: Path) -> dict[str, torch.Tensor]:
     x, y = torch.randn(BATCH, 16, generator=generator), torch.randn(BATCH, 3, generator=generator)
     torch.manual_seed(MODEL_SEED)
     model = shard(patch(make_wide_model(), "matrix"))
-    shard_ = slice(rank * BATCH // 2, (rank + 1) * BATCH // 2)
-    train(model, x[shard_], y[shard_], optimizer=adam(model))
+    part = slice(rank * BATCH // 2, (rank + 1) * BATCH // 2)
+    train(model, x[part], y[part], optimizer=adam(model))
     dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=directory)
     torch.manual_seed(MODEL_SEED + 1)
     loaded = shard(patch(make_wide_model(), "matrix"))
