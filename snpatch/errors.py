@@ -74,7 +74,11 @@ class SerializationError(SnpatchError, RuntimeError):
 
 
 class WrappedModelError(SnpatchError, RuntimeError):
-    """The model is already wrapped in ``DistributedDataParallel``; patch it before wrapping."""
+    """The model is already wrapped in ``DistributedDataParallel`` or sharded by FSDP2.
+
+    Patch before ``DistributedDataParallel(model)`` or ``fully_shard``; the normalization
+    of a sharded model can't be taken off or put back either (gather first).
+    """
 
 
 class SnpatchWarning(UserWarning):

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from .distributed import check_not_sharded
 from .errors import (
     AlreadyPatchedError,
     InvalidArgumentTypeError,
@@ -126,6 +127,8 @@ def remove_spectral_norm(
         NoMatchingLayersError: an include pattern matched no patched layer.
         SharedWeightError: two patched weights are one tensor (tied after patching; patching
             refuses it). Nothing is changed then.
+        WrappedModelError: a selected layer is sharded by ``fully_shard``; nothing changed
+            (:func:`plain_state_dict` works on a sharded model).
 
     Example:
         >>> import torch.nn as nn, snpatch
@@ -145,6 +148,7 @@ def remove_spectral_norm(
         LayerFilter.parse(exclude, "exclude"),
         what="patched",
     )
+    check_not_sharded(layers, "take the spectral normalization off")
     # Everything is computed (and every refusal raised) before the first layer changes.
     slots = tensor_slots(module)
     plans = []
@@ -214,6 +218,7 @@ def restore_spectral_norm(model: T_module, snapshot: SpectralNormSnapshot) -> T_
             weights differ in name, shape or dtype, or a tied weight's partner is missing.
             Nothing is changed then.
         AlreadyPatchedError: a layer of the snapshot is patched again already.
+        WrappedModelError: a layer of the snapshot is sharded by ``fully_shard``.
     """
     module = check_model(model)
     if not isinstance(snapshot, SpectralNormSnapshot):
@@ -227,6 +232,10 @@ def restore_spectral_norm(model: T_module, snapshot: SpectralNormSnapshot) -> T_
         )
     # Every layer is checked, and its parametrizations built, before the first one changes.
     plans = [_plan_restore(module, name, weights) for name, weights in snapshot.layers.items()]
+    check_not_sharded(
+        [(name, layer) for name, (layer, _) in zip(snapshot.layers, plans, strict=True)],
+        "restore the spectral normalization of",
+    )
     for layer, targets in plans:
         with torch.no_grad():
             for path, tensor_name, parameter, original, _ in targets:
@@ -340,6 +349,9 @@ def plain_state_dict(model: nn.Module) -> OrderedDict[str, Tensor]:
     without snpatch, e.g. to publish a checkpoint for ``resnet18().load_state_dict``: its
     keys, their order and its ``_metadata`` (the per-module versions that versioned
     ``_load_from_state_dict`` methods read) are those of the never-patched model.
+    On a model sharded by ``fully_shard`` every rank must call it (it gathers each
+    normalized weight); like ``model.state_dict()`` there, it holds ``DTensor`` shards
+    (``torch.distributed.checkpoint`` saves them; ``.full_tensor()`` gathers one).
 
     Raises:
         SharedWeightError: a normalized weight is one tensor with a weight another module
@@ -354,6 +366,10 @@ def plain_state_dict(model: nn.Module) -> OrderedDict[str, Tensor]:
         <All keys matched successfully>
     """
     module = check_model(model)
+    # First: on a model sharded by fully_shard, state_dict() puts the DTensor shards back
+    # in place of full tensors gathered for a forward, so the originals read below are
+    # those shards (and the effective weights come out sharded the same way).
+    state = module.state_dict()
     slots = tensor_slots(module)
     # "<owner>.parametrizations.<tensor>." -> (owner prefix, tensor, order before patching,
     # effective weight)
@@ -386,7 +402,6 @@ def plain_state_dict(model: nn.Module) -> OrderedDict[str, Tensor]:
                 norm.effective_weight(original),
             )
     items: list[tuple[str, Tensor]] = []
-    state = module.state_dict()
     for key, value in state.items():
         patched, rest = _split_patched_key(key)
         if patched not in replace:

@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .distributed import gathered, sharded_like
 from .parametrization import (
     _LANCZOS_MAX_STEPS,
     _LOW_PRECISION,
@@ -741,7 +742,7 @@ class OperatorNorm(SpectralNorm):
         """The normalized weight as the eval forward computes it (no iteration step, no grad)."""
         if not self.certified and self.input_size is None:
             return super().effective_weight(weight)
-        return self.forward(weight.detach())
+        return sharded_like(self.forward(gathered(weight).detach()), weight)
 
     # --- state ---------------------------------------------------------------------
     @property
@@ -791,6 +792,7 @@ class OperatorNorm(SpectralNorm):
     # --- estimation ----------------------------------------------------------------
     @torch.no_grad()
     def converge(self, weight: Tensor) -> None:
+        weight = gathered(weight)  # once, before super() (a no-op there then)
         super().converge(weight)
         if self.input_size is not None:
             self._converge_operator(weight)
@@ -835,6 +837,7 @@ class OperatorNorm(SpectralNorm):
     @torch.no_grad()
     def refit_block(self, weight: Tensor) -> None:
         """After loading: re-fit the tracked blocks, keep the loaded vectors and size."""
+        weight = gathered(weight)  # once, before super() (a no-op there then)
         super().refit_block(weight)
         if self.input_size is not None:
             with torch.autocast(weight.device.type, enabled=False):

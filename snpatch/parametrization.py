@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .distributed import gathered, sharded_like
 from .errors import SerializationError
 
 __all__ = [
@@ -568,10 +569,15 @@ class SpectralNorm(nn.Module):
 
     @torch.no_grad()
     def effective_weight(self, weight: Tensor) -> Tensor:
-        """The normalized weight as the eval forward computes it (no iteration step, no grad)."""
-        sigma = self.sigma(weight)
+        """The normalized weight as the eval forward computes it (no iteration step, no grad).
+
+        For a weight sharded by ``fully_shard`` (a ``DTensor``), every rank must call: the
+        result is sharded the same way.
+        """
+        full = gathered(weight)
+        sigma = self.sigma(full)
         scale = _scale(sigma, self.lipschitz, self.mode == "soft", self.eps)
-        return _scaled(weight.detach(), scale)
+        return sharded_like(_scaled(full.detach(), scale), weight)
 
     def __prepare_scriptable__(self) -> SpectralNorm:
         # torch.jit.script calls this on every submodule before compiling; parametrized
@@ -594,7 +600,11 @@ class SpectralNorm(nn.Module):
 
     @torch.no_grad()
     def converge(self, weight: Tensor) -> None:
-        """Re-estimate the whole state to full accuracy for ``weight`` (used at patch time)."""
+        """Re-estimate the whole state to full accuracy for ``weight`` (used at patch time).
+
+        A weight sharded by ``fully_shard`` is gathered first (every rank must call).
+        """
+        weight = gathered(weight)
         with torch.autocast(weight.device.type, enabled=False):
             matrix = self._matrix(weight)
             self._fit_block(matrix)
@@ -606,7 +616,9 @@ class SpectralNorm(nn.Module):
 
         Used after ``load_state_dict``: the loaded vectors keep eval outputs exactly as saved,
         while the next training step starts from the right subspace of the loaded weight.
+        A weight sharded by ``fully_shard`` is gathered first (every rank must call).
         """
+        weight = gathered(weight)
         with torch.autocast(weight.device.type, enabled=False):
             self._fit_block(self._matrix(weight))
 

@@ -23,7 +23,7 @@ from torch.nn.utils import parametrizations as torch_parametrizations
 from torch.nn.utils import parametrize
 from torch.nn.utils.spectral_norm import SpectralNorm as _LegacySpectralNorm
 
-from .distributed import check_not_wrapped
+from .distributed import check_not_wrapped, gathered
 from .errors import (
     AlreadyPatchedError,
     InvalidArgumentError,
@@ -444,7 +444,8 @@ def apply_spectral_norm(
         UnsupportedLayerError: a selected layer is lazy or has no usable weight.
         SharedWeightError: two selected layers share one weight tensor, or a selected
             layer's weight is already normalized through another layer (tied weights).
-        WrappedModelError: the model is already wrapped in ``DistributedDataParallel``.
+        WrappedModelError: the model is already wrapped in ``DistributedDataParallel`` or
+            sharded by ``fully_shard`` (patch first, then wrap or shard).
 
     On any error the model is left exactly as it was.
 
@@ -906,6 +907,7 @@ def update_sigma(model: T_module, steps: int | None = None) -> T_module:
             if steps is None:
                 norm.converge(original)
             else:
+                full = gathered(original)  # sharded by fully_shard: every rank calls this
                 for _ in range(steps):
-                    norm.power_step(original)
+                    norm.power_step(full)
     return model
