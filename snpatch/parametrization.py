@@ -22,6 +22,7 @@ from typing import Any, ClassVar, Literal, cast
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .distributed import gathered, sharded_like
 from .errors import SerializationError
@@ -53,6 +54,28 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 def _state_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype of the iteration state: float32, or float64 for float64 weights."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class _OptimizerSteps:
+    """Counts ``torch.optim`` optimizer steps in this process (a global post-step hook).
+
+    Part of what tells a weight's new value (see :meth:`SpectralNorm.advance`): FSDP2
+    all-gathers the updated shards into the same unsharded tensor with its version counter
+    preserved, and optimizers may write through ``.data``, so the version counter alone can
+    miss an update; a step of any optimizer can't be missed.
+    """
+
+    count = 0
+    _handle: object = None
+
+    @classmethod
+    def install(cls) -> None:
+        if cls._handle is None:
+            cls._handle = register_optimizer_step_post_hook(cls._tick)
+
+    @classmethod
+    def _tick(cls, optimizer: object, args: object, kwargs: object) -> None:
+        cls.count += 1
 
 
 def in_functorch_transform() -> bool:
@@ -499,8 +522,8 @@ class SpectralNorm(nn.Module):
 
     #: Serve the eval-mode weight from a cache (see :meth:`forward`); False recomputes it.
     eval_cache: bool = True
-    #: The weight (identity, storage, version) the state was last advanced for.
-    _stepped_for: tuple[int, int, int] | None = None
+    #: (optimizer steps, weight identity, storage, version) when the state last advanced.
+    _stepped_for: tuple[int, int, int, int] | None = None
 
     def __init__(
         self,
@@ -532,6 +555,7 @@ class SpectralNorm(nn.Module):
             self.register_buffer("_block", block, persistent=False)
             self.register_buffer("_sigma", matrix.new_zeros(()), persistent=False)
         self._cache: tuple[tuple[object, ...], Tensor] | None = None
+        _OptimizerSteps.install()
         if converge:
             self.converge(weight)
 
@@ -563,6 +587,7 @@ class SpectralNorm(nn.Module):
         norm.eps = float(config["eps"])
         norm.eval_cache = bool(config.get("eval_cache", True))
         norm._cache = None
+        _OptimizerSteps.install()
         for name, tensor in buffers.items():
             norm.register_buffer(name, tensor, persistent=name in cls.persistent_buffers)
         return norm
@@ -636,11 +661,12 @@ class SpectralNorm(nn.Module):
         Called in training mode by the layer's forward pre-hook and by :meth:`forward`,
         which runs wherever the weight is read (``layer.weight``, ``F.linear(x,
         layer.weight)`` from a parent module, a tied or shared weight). A new value is told
-        by the tensor's identity, storage and version counter, which every in-place update
-        (``optimizer.step()``, ``load_state_dict``, ``model.to()``) changes, so each weight
-        is stepped once per training step however often the step reads it (``D(real)``,
-        ``D(fake)``, a gradient penalty). Edits through ``.data`` bypass the version
-        counter: call :func:`snpatch.update_sigma` after one. Not while activation
+        by a step of any ``torch.optim`` optimizer in the process (a post-step hook counts
+        them) or a change of the tensor's identity, storage or version counter (which every
+        in-place update, ``load_state_dict`` and ``model.to()`` change), so each weight is
+        stepped once per training step however often the step reads it (``D(real)``,
+        ``D(fake)``, a gradient penalty). An edit through ``.data`` outside an optimizer
+        step bypasses both: call :func:`snpatch.update_sigma` after one. Not while activation
         checkpointing recomputes a forward in backward, nor under ``torch.func``
         transforms (no state may change there); while ``torch.compile`` traces, the
         pre-hook steps at every training forward (a version counter can't be guarded on
@@ -652,7 +678,7 @@ class SpectralNorm(nn.Module):
             self.power_step(weight)
             return
         try:
-            key = (id(weight), weight.data_ptr(), weight._version)
+            key = (_OptimizerSteps.count, id(weight), weight.data_ptr(), weight._version)
         except RuntimeError:  # an inference tensor has no version counter: always step
             key = None
         if key is None or key != self._stepped_for:

@@ -711,7 +711,7 @@ def _loaded_divisor(norm: SpectralNorm, original: Tensor) -> float | None:
     """``u^T W v`` where the eval forward divides by it (None where it divides by another)."""
     if isinstance(norm, OperatorNorm) and (norm.certified or norm.input_size is not None):
         return None
-    return float(norm.sigma(original))
+    return float(norm.sigma(gathered(original)))  # a DTensor under fully_shard: every rank
 
 
 def _build(

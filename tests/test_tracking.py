@@ -98,3 +98,38 @@ def test_a_weight_left_unchanged_is_not_stepped_again(monkeypatch: pytest.Monkey
     model(torch.randn(2, 5))
     assert steps.count == 2
     assert _sigma_error(model) < 1e-5
+
+
+class DataSGD(torch.optim.Optimizer):
+    """Plain SGD that writes through ``.data``: the weight's version counter never moves.
+
+    FSDP2 hands a layer the same unsharded tensor at every forward, refilled from the
+    updated shards with its version counter preserved: the same situation.
+    """
+
+    def __init__(self, params: object, lr: float) -> None:
+        super().__init__(params, {"lr": lr})  # type: ignore[arg-type]
+
+    @torch.no_grad()
+    def step(self, closure: object = None) -> None:  # type: ignore[override]
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is not None:
+                    param.data.add_(param.grad, alpha=-group["lr"])
+
+
+def test_an_optimizer_step_that_keeps_the_version_counter_still_advances() -> None:
+    torch.manual_seed(0)
+    model = snpatch.apply_spectral_norm(nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 2)))
+    optimizer = DataSGD(model.parameters(), lr=0.5)
+    x, y = torch.randn(16, 6), torch.randn(16, 2)
+    versions = [p._version for p in model.parameters()]
+    worst = 0.0
+    for _ in range(10):
+        F.mse_loss(model(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        model(x)  # the forward that reads the updated weights
+        worst = max(worst, _sigma_error(model))
+    assert [p._version for p in model.parameters()] == versions  # the premise
+    assert worst < 1e-3
