@@ -20,6 +20,8 @@ from torch import nn
 import snpatch
 from tests import ddp_worker
 
+pytestmark = pytest.mark.slow  # compiles / starts processes: make test-fast skips it
+
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("ddp_worker.py")
 WORLD_SIZE = 2
