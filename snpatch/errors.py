@@ -11,6 +11,7 @@ __all__ = [
     "AlreadyPatchedError",
     "InvalidArgumentError",
     "InvalidArgumentTypeError",
+    "MissingDependencyError",
     "NoMatchingLayersError",
     "ParametrizationRemovedError",
     "SerializationError",
@@ -67,6 +68,10 @@ class SerializationError(SnpatchError, RuntimeError):
 
 class WrappedModelError(SnpatchError, RuntimeError):
     """The model is already wrapped in ``DistributedDataParallel``; patch it before wrapping."""
+
+
+class MissingDependencyError(SnpatchError, ImportError):
+    """An optional package a feature needs is not installed; the message says which one."""
 
 
 class SnpatchWarning(UserWarning):

@@ -46,8 +46,12 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow],
 )
 settings.register_profile("dev", max_examples=60, deadline=None)
-settings.register_profile(  # make test-fast
-    "fast", max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+settings.register_profile(  # make test-fast: deterministic, as ci
+    "fast",
+    max_examples=10,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow],
 )
 settings.register_profile("thorough", max_examples=400, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
