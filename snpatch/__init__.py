@@ -8,6 +8,7 @@ from .errors import (
     AlreadyPatchedError,
     InvalidArgumentError,
     InvalidArgumentTypeError,
+    MissingDependencyError,
     NoMatchingLayersError,
     ParametrizationRemovedError,
     SerializationError,
@@ -25,6 +26,7 @@ from .export import (
     remove_spectral_norm,
     restore_spectral_norm,
 )
+from .monitor import exact_sigmas, log_sigmas, sigma_estimates
 from .operator import OperatorNorm
 from .parametrization import SpectralNorm
 from .patch import (
@@ -47,6 +49,7 @@ __all__ = [
     "AlreadyPatchedError",
     "InvalidArgumentError",
     "InvalidArgumentTypeError",
+    "MissingDependencyError",
     "NoMatchingLayersError",
     "OperatorNorm",
     "ParametrizationRemovedError",
@@ -63,16 +66,19 @@ __all__ = [
     "WrappedModelError",
     "__version__",
     "apply_spectral_norm",
+    "exact_sigmas",
     "exported",
     "is_patched",
     "lipschitz_bound",
     "lipschitz_bounds",
+    "log_sigmas",
     "patched_layers",
     "plain_state_dict",
     "remove_spectral_norm",
     "restore_spectral_norm",
     "select_layers",
     "set_lipschitz",
+    "sigma_estimates",
     "spectral_norms",
     "spectral_report",
     "update_sigma",

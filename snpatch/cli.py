@@ -16,15 +16,15 @@ import pickle
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from . import bench
-from .errors import SnpatchError
-from .parametrization import weight_to_matrix
+from .errors import MissingDependencyError, SnpatchError
 from .patch import apply_spectral_norm, layer_targets, patched_layers
-from .report import spectral_report
+from .report import SpectralReport, matrix_sigma, spectral_report
 from .select import select_layers
 
 __all__ = ["build_model", "main"]
@@ -91,15 +91,66 @@ def _top_singular_values(model: nn.Module, names: Sequence[str]) -> dict[str, fl
             sigma = 0.0
             for target in layer_targets(layer):
                 owner = layer.get_submodule(target.path) if target.path else layer
-                weight = getattr(owner, target.tensor_name).float()
-                matrix = weight_to_matrix(weight, target.dim)
-                sigma = max(sigma, float(torch.linalg.matrix_norm(matrix, ord=2)))
+                sigma = max(sigma, matrix_sigma(getattr(owner, target.tensor_name), target.dim))
             values[name] = sigma
     return values
 
 
+def _check_plot_path(text: str | None) -> Path | None:
+    """``--plot``: matplotlib installed and the folder there, before any work is done."""
+    if text is None:
+        return None
+    try:
+        importlib.import_module("matplotlib")
+    except ImportError as error:
+        raise MissingDependencyError(
+            "--plot needs matplotlib, which is not installed: pip install 'snpatch[plot]'"
+        ) from error
+    path = Path(text)
+    if not path.parent.is_dir():
+        raise _UsageError(f"--plot {text!r}: folder {str(path.parent)!r} does not exist")
+    return path
+
+
+def _plot_sigmas(
+    rows: Sequence[dict[str, Any]],
+    report: SpectralReport | None,
+    lipschitz: float,
+    title: str,
+) -> Any:
+    """A bar chart (a matplotlib ``Figure``): each layer's sigma before and after patching.
+
+    With a report, also its certified bound per layer, where it has one.
+    """
+    from matplotlib.figure import Figure  # optional: the plot extra
+
+    names = [row["name"] or "(model)" for row in rows]
+    bounds = {row.name: row.bound for row in report} if report is not None else {}
+    series = [
+        ("sigma before (matrix)", [row["sigma_before"] for row in rows]),
+        ("sigma after (matrix)", [row["sigma_after"] for row in rows]),
+    ]
+    if any(bound is not None for bound in bounds.values()):
+        values = [bounds.get(row["name"]) for row in rows]
+        series.append(("certified bound", [float("nan") if v is None else v for v in values]))
+    figure = Figure(figsize=(max(6.0, 0.2 * len(rows) * len(series) + 2.0), 4.5))
+    axes = figure.subplots()
+    width = 0.8 / len(series)
+    for i, (label, heights) in enumerate(series):
+        positions = [x + (i - (len(series) - 1) / 2) * width for x in range(len(rows))]
+        axes.bar(positions, heights, width, label=label)
+    axes.axhline(lipschitz, color="black", linestyle="--", linewidth=1, label="target")
+    axes.set_xticks(range(len(rows)), names, rotation=90, fontsize=7)
+    axes.set_ylabel("sigma")
+    axes.set_title(title)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    return figure
+
+
 def _inspect(args: argparse.Namespace) -> int:
     input_shape = _input_shape(args.input_shape)
+    plot = _check_plot_path(args.plot)
     model = build_model(args.model)
     if args.weights:
         _load_weights(model, args.weights)
@@ -127,6 +178,12 @@ def _inspect(args: argparse.Namespace) -> int:
         }
         for name in patched
     ]
+    if plot is not None:
+        title = f"{args.model}: sigma per layer (lipschitz={args.lipschitz:g}, {args.method})"
+        try:
+            _plot_sigmas(rows, report, args.lipschitz, title).savefig(plot, dpi=120)
+        except (OSError, ValueError) as error:
+            raise _UsageError(f"cannot write plot {str(plot)!r}: {error}") from error
     if args.json:
         print(
             json.dumps(
@@ -237,6 +294,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     inspect.add_argument("--weights", metavar="PATH", help="state_dict file (torch.save)")
     inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    inspect.add_argument(
+        "--plot",
+        metavar="PATH",
+        help="also save a bar chart of each layer's sigma (needs matplotlib: the plot extra)",
+    )
     inspect.set_defaults(run=_inspect)
     timing = commands.add_parser(
         "bench", help="time training steps and eval forwards: unpatched, torch's, snpatch"

@@ -11,6 +11,7 @@ __all__ = [
     "AlreadyPatchedError",
     "InvalidArgumentError",
     "InvalidArgumentTypeError",
+    "MissingDependencyError",
     "NoMatchingLayersError",
     "ParametrizationRemovedError",
     "SerializationError",
@@ -79,6 +80,10 @@ class WrappedModelError(SnpatchError, RuntimeError):
     Patch before ``DistributedDataParallel(model)`` or ``fully_shard``; the normalization
     of a sharded model can't be taken off or put back either (gather first).
     """
+
+
+class MissingDependencyError(SnpatchError, ImportError):
+    """An optional package a feature needs is not installed; the message says which one."""
 
 
 class SnpatchWarning(UserWarning):

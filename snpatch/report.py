@@ -14,10 +14,32 @@ from .parametrization import SpectralNorm, weight_to_matrix
 from .patch import _hook, layer_targets, patched_layers, record_input_sizes, spectral_norms
 from .select import check_model, is_linear
 
-__all__ = ["ReportRow", "SpectralReport", "lipschitz_bound", "lipschitz_bounds", "spectral_report"]
+__all__ = [
+    "ReportRow",
+    "SpectralReport",
+    "lipschitz_bound",
+    "lipschitz_bounds",
+    "matrix_sigma",
+    "spectral_report",
+]
 
 #: Relative slack of ``within_target`` (the tracking promise of the power iteration).
 WITHIN_TARGET_RTOL = 5e-3
+
+
+def matrix_sigma(weight: Tensor, dim: int) -> float:
+    """The top singular value of ``weight`` viewed as a matrix, exact in float64.
+
+    Computed as the square root of the top eigenvalue of the smaller Gram matrix: the top
+    eigenvalue is perfectly conditioned (relative error ~ n * 1e-16), and on CPU this is
+    several times faster than an SVD of the matrix.
+    """
+    with torch.no_grad():
+        matrix = weight_to_matrix(weight.detach().double(), dim)
+        if matrix.shape[0] > matrix.shape[1]:
+            matrix = matrix.mT
+        gram = matrix @ matrix.mT
+        return float(torch.linalg.eigvalsh(gram)[-1].clamp(min=0).sqrt())
 
 
 def _check_shape(layer: nn.Module, input_shape: object) -> tuple[int, ...]:
@@ -246,9 +268,7 @@ def _row(name: str, layer: nn.Module, size: tuple[int, ...] | None) -> ReportRow
         exact = 0.0
         for target in layer_targets(layer):
             owner = layer.get_submodule(target.path) if target.path else layer
-            weight = getattr(owner, target.tensor_name).detach().double()
-            matrix = weight_to_matrix(weight, target.dim)
-            exact = max(exact, float(torch.linalg.matrix_norm(matrix, ord=2)))
+            exact = max(exact, matrix_sigma(getattr(owner, target.tensor_name), target.dim))
         if is_linear(layer) or is_conv(layer):
             bound = lipschitz_bound(layer)
     original_shape = tuple(_norms_with_weights(layer)[0][2].shape)

@@ -7,12 +7,36 @@ from collections.abc import Callable
 
 import pytest
 import torch
-import torchvision
 from hypothesis import HealthCheck, settings
 from torch import nn
 
 from snpatch.parametrization import weight_to_matrix
 from snpatch.patch import layer_targets
+
+try:
+    import torchvision
+except ImportError:  # the torch 2.13 lane of .ci/run: no torchvision is built for that torch
+    torchvision = None
+
+#: A test that builds torchvision models; skipped, with this reason, where it is missing.
+needs_torchvision = pytest.mark.needs_torchvision
+NO_TORCHVISION = "needs torchvision, which is not installed (e.g. the torch 2.13 lane of .ci/run)"
+#: The marks of a test on torchvision models: they are also the larger models, so slow.
+VISION_MARKS = [needs_torchvision, pytest.mark.slow]
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m "not slow"` deselects by marker
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Doctests that import torchvision count as marked; without it, skip what needs it."""
+    skip = pytest.mark.skip(reason=NO_TORCHVISION)
+    for item in items:
+        doctest = getattr(item, "dtest", None)  # a doctest item of snpatch/
+        if doctest is not None and "torchvision" in doctest.docstring:
+            for mark in VISION_MARKS:
+                item.add_marker(mark)
+        if torchvision is None and item.get_closest_marker("needs_torchvision"):
+            item.add_marker(skip)
+
 
 settings.register_profile(
     "ci",
@@ -22,6 +46,13 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow],
 )
 settings.register_profile("dev", max_examples=60, deadline=None)
+settings.register_profile(  # make test-fast: deterministic, as ci
+    "fast",
+    max_examples=10,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 settings.register_profile("thorough", max_examples=400, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
@@ -158,9 +189,16 @@ def _zoo() -> dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]]:
 
 
 ZOO = _zoo()
+#: The zoo's torchvision models.
+VISION_MODELS = frozenset({"resnet18", "mobilenet_v3_small", "squeezenet1_1", "vit_tiny"})
 
 
-@pytest.fixture(params=sorted(ZOO))
+def zoo_params(names: list[str]) -> list[object]:
+    """``names`` for ``parametrize``, the torchvision models with :data:`VISION_MARKS`."""
+    return [pytest.param(n, marks=VISION_MARKS) if n in VISION_MODELS else n for n in names]
+
+
+@pytest.fixture(params=zoo_params(sorted(ZOO)))
 def zoo_case(request: pytest.FixtureRequest) -> tuple[str, nn.Module, torch.Tensor]:
     factory, shape = ZOO[request.param]
     torch.manual_seed(0)

@@ -285,3 +285,35 @@ def test_a_foreign_parametrization_in_place_of_snpatchs_is_not_taken_for_it() ->
     parametrizations.orthogonal(model[3])  # someone else's parametrization on the same name
     with pytest.raises(snpatch.ParametrizationRemovedError, match="Linear's 'weight'"):
         model(torch.randn(2, 3, 3, 3))
+
+
+def _sink(tag: str, value: float, step: int) -> None:
+    raise AssertionError("nothing is written after a bad argument")
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (lambda m: snpatch.sigma_estimates("net"), TypeError, "torch.nn.Module, got str"),
+        (lambda m: snpatch.sigma_estimates(nn.Linear(2, 2)), ValueError, "no patched layer"),
+        (lambda m: snpatch.exact_sigmas(nn.Linear(2, 2)), ValueError, "no patched layer"),
+        (lambda m: snpatch.sigma_estimates(m, as_tensors=1), TypeError, "as_tensors.*bool"),
+        (lambda m: snpatch.log_sigmas(m, object(), 0), TypeError, "add_scalar.*got object"),
+        (lambda m: snpatch.log_sigmas(m, _sink, -1), ValueError, "step must be >= 0, got -1"),
+        (lambda m: snpatch.log_sigmas(m, _sink, 1.0), TypeError, "step must be an int, got float"),
+        (lambda m: snpatch.log_sigmas(m, _sink, 0, every=0), ValueError, "every must be >= 1"),
+        (lambda m: snpatch.log_sigmas(m, _sink, 0, prefix=1), TypeError, "prefix must be a str"),
+        (
+            lambda m: snpatch.monitor._SigmaMonitorHooks(every_n_steps=0),
+            ValueError,
+            "every_n_steps must be >= 1, got 0",
+        ),
+    ],
+)
+def test_monitor_bad_arguments(call: Any, error: type[Exception], match: str) -> None:
+    model = snpatch.apply_spectral_norm(_model())
+    before = {k: v.clone() for k, v in model.named_buffers()}
+    with pytest.raises(error, match=match) as raised:
+        call(model)
+    assert isinstance(raised.value, SnpatchError)
+    assert all(torch.equal(v, before[k]) for k, v in model.named_buffers())

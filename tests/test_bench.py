@@ -12,6 +12,7 @@ from torch import nn
 
 from snpatch.bench import VARIANTS
 from snpatch.cli import main
+from tests.conftest import needs_torchvision
 
 
 def small_convnet() -> nn.Module:
@@ -37,6 +38,7 @@ def _bench(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.slow
 def test_bench_mlp_json_reports_every_figure() -> None:
     result = _bench("mlp", "--batch-size", "2", "--steps", "2", "--warmup", "1", "--json")
     assert result.returncode == 0, result.stderr
@@ -67,6 +69,7 @@ def test_bench_mlp_json_reports_every_figure() -> None:
     assert errors["torch"]["after_patching"] > errors["snpatch"]["after_patching"]
 
 
+@pytest.mark.slow
 def test_bench_factory_table() -> None:
     result = _bench(
         "tests.test_bench:small_convnet", "--image-size", "6", "--steps", "2", "--warmup", "0"
@@ -81,6 +84,8 @@ def test_bench_factory_table() -> None:
     assert any(line.startswith("worst |sigma/target - 1| snpatch: ") for line in lines)
 
 
+@pytest.mark.slow
+@needs_torchvision
 def test_bench_bad_input_is_one_line_and_exit_code_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", "no_such_model"]) == 2
     assert capsys.readouterr().err.startswith("snpatch: error: unknown model 'no_such_model'")

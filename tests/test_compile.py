@@ -18,6 +18,8 @@ from tests.conftest import exact_sigma
 from tests.ddp_worker import make_model
 from tests.test_training_modes import Checkpointed
 
+pytestmark = pytest.mark.slow  # compiles / starts processes: make test-fast skips it
+
 
 def _norms(model: nn.Module) -> list[snpatch.SpectralNorm]:
     return [m for m in model.modules() if isinstance(m, snpatch.SpectralNorm)]

@@ -22,8 +22,7 @@ import snpatch
 from snpatch.parametrization import weight_to_matrix
 from tests import ddp_worker
 
-# Subprocesses: the slow lane.
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.slow  # compiles / starts processes: make test-fast skips it
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("ddp_worker.py")

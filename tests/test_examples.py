@@ -15,6 +15,8 @@ import pytest
 import scipy.linalg
 import torch
 
+from tests.conftest import needs_torchvision
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
@@ -29,6 +31,7 @@ def _run(script: str, *args: str) -> str:
     return result.stdout
 
 
+@pytest.mark.slow
 def test_sngan_mixture_quick_prints_every_configuration(tmp_path: Path) -> None:
     out = _run("sngan_mixture.py", "--quick", "--plot", str(tmp_path / "samples.png"))
     rows = [line for line in out.splitlines() if re.match(r"\| (ring|grid) \|", line)]
@@ -77,6 +80,8 @@ def test_sngan_mixture_coverage_counts_modes_and_high_quality_samples() -> None:
     assert sngan.coverage(grid, torch.full((100, 2), math.nan)) == (0, 0.0)
 
 
+@pytest.mark.slow
+@needs_torchvision
 def test_patch_pretrained_quick_exports_and_writes_a_plain_checkpoint(tmp_path: Path) -> None:
     out = _run("patch_pretrained.py", "--quick", "--out", str(tmp_path))
     assert "patched 20 layers" in out
@@ -88,6 +93,7 @@ def test_patch_pretrained_quick_exports_and_writes_a_plain_checkpoint(tmp_path: 
     assert (tmp_path / "resnet18-sn-plain.pth").exists()
 
 
+@pytest.mark.slow
 def test_lipschitz_classifier_quick_reports_a_unit_bound_for_the_patched_twin() -> None:
     out = _run("lipschitz_classifier.py", "--quick")
     rows = {

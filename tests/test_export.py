@@ -9,12 +9,18 @@ from collections.abc import Callable
 
 import pytest
 import torch
-import torchvision
 from torch import nn
 
 import snpatch
 from snpatch.patch import CheckpointAdapter, PowerIterationHook
-from tests.conftest import ZOO, exact_sigma, first_output
+from tests.conftest import (
+    ZOO,
+    exact_sigma,
+    first_output,
+    needs_torchvision,
+    torchvision,
+    zoo_params,
+)
 
 ZooCase = tuple[str, nn.Module, torch.Tensor]
 
@@ -291,6 +297,8 @@ def test_restore_onto_a_patched_layer_or_with_a_non_snapshot_is_refused() -> Non
         snpatch.restore_spectral_norm(_mlp(), snpatch.SpectralNormSnapshot(bad))
 
 
+@pytest.mark.slow
+@needs_torchvision
 def test_plain_state_dict_loads_strictly_and_leaves_the_model_alone() -> None:
     model = torchvision.models.resnet18(num_classes=10)
     snpatch.apply_spectral_norm(model, exclude="fc", lipschitz=2.0)
@@ -623,7 +631,7 @@ def _patched_eval(name: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     return model, x, expected
 
 
-@pytest.mark.parametrize("name", EXPORT_CASES)
+@pytest.mark.parametrize("name", zoo_params(EXPORT_CASES))
 def test_torch_export_inside_exported(name: str) -> None:
     model, x, expected = _patched_eval(name)
     with snpatch.exported(model):
@@ -633,7 +641,7 @@ def test_torch_export_inside_exported(name: str) -> None:
     torch.testing.assert_close(first_output(program.module()(x)), expected, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["mlp", "conv_transpose2d", "resnet18"])
+@pytest.mark.parametrize("name", zoo_params(["mlp", "conv_transpose2d", "resnet18"]))
 def test_onnx_export_inside_exported_runs_in_onnxruntime(name: str, tmp_path: object) -> None:
     pytest.importorskip("onnxscript")
     ort = pytest.importorskip("onnxruntime")

@@ -7,13 +7,12 @@ import io
 
 import pytest
 import torch
-import torchvision
 from torch import nn
 from torch.nn.utils import parametrizations, parametrize
 
 import snpatch
 from snpatch.parametrization import weight_to_matrix
-from tests.conftest import exact_sigma, first_output
+from tests.conftest import exact_sigma, first_output, needs_torchvision, torchvision
 
 ZooCase = tuple[str, nn.Module, torch.Tensor]
 
@@ -95,6 +94,8 @@ def test_zoo_training_forward_advances_the_iteration(zoo_case: ZooCase) -> None:
     assert changed == norms  # every weight's iteration ran, out_proj of attention included
 
 
+@pytest.mark.slow
+@needs_torchvision
 def test_state_dict_layout_is_torchs() -> None:
     torch.manual_seed(0)
     ours = snpatch.apply_spectral_norm(torchvision.models.resnet18(num_classes=10))
@@ -352,6 +353,8 @@ def test_soft_mode_leaves_layers_within_the_bound_unchanged() -> None:
     assert torch.equal(layer.weight, raw)
 
 
+@pytest.mark.slow
+@needs_torchvision
 def test_pretrained_checkpoint_then_patch_in_one_line(tmp_path: object) -> None:
     torch.manual_seed(7)
     source = torchvision.models.resnet18(num_classes=10)
@@ -390,6 +393,7 @@ def _gram_sigma(weight: torch.Tensor) -> float:
     return float(torch.linalg.eigvalsh(gram)[-1].sqrt())
 
 
+@needs_torchvision
 @pytest.mark.slow
 def test_tracking_acceptance_resnet18_adam() -> None:
     """The foundation's acceptance run: <= 0.5% off target at every step of 20 Adam steps.
@@ -446,6 +450,8 @@ def test_cuda_device_move_and_float16_autocast_training() -> None:
             assert sigma == pytest.approx(1.0, rel=1e-3)
 
 
+@pytest.mark.slow
+@needs_torchvision
 def test_loading_a_checkpoint_refits_the_tracked_block() -> None:
     torch.manual_seed(0)
     model = snpatch.apply_spectral_norm(torchvision.models.resnet18(num_classes=10))

@@ -12,8 +12,17 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import VISION_MARKS
+
 README = Path(__file__).resolve().parent.parent / "README.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL)
+
+
+def _marks(block: str) -> list[pytest.MarkDecorator]:
+    marks = list(VISION_MARKS) if "torchvision" in block else []
+    if "init_process_group" in block:
+        marks.append(pytest.mark.slow)  # two processes under torchrun
+    return marks
 
 
 def test_readme_has_python_blocks() -> None:
@@ -42,7 +51,13 @@ def _run_distributed(block: str, tmp_path: Path) -> None:
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit is deprecated in torch 2.14
-@pytest.mark.parametrize("index", range(len(BLOCKS)))
+@pytest.mark.parametrize(
+    "index",
+    [
+        pytest.param(i, marks=_marks(block)) if _marks(block) else i
+        for i, block in enumerate(BLOCKS)
+    ],
+)
 def test_readme_python_block_runs(index: int, tmp_path: Path) -> None:
     block = BLOCKS[index]
     if "init_process_group" in block:

@@ -129,6 +129,7 @@ def _run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str
     )
 
 
+@pytest.mark.slow
 def test_inspect_operator_report_through_the_cli(tmp_path: Path) -> None:
     (tmp_path / "tinynets.py").write_text(
         "import torch.nn as nn\n"
