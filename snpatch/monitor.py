@@ -56,12 +56,17 @@ def _weights(model: nn.Module) -> Iterator[tuple[str, SpectralNorm, Tensor]]:
             yield (f"{layer_name}.{key}" if layer_name else key), norm, original
 
 
-def _estimate(norm: SpectralNorm) -> Tensor:
-    """The buffer holding what ``norm``'s training forward divides by (no computation)."""
+def _estimate(norm: SpectralNorm, original: Tensor) -> Tensor:
+    """What ``norm``'s training forward divides by, as it keeps it (no computation).
+
+    A certified layer's divisor is kept for the weight it was computed for; for a weight
+    changed since (no forward yet), it is computed here, as the next forward would.
+    """
     buffers = norm._buffers
+    estimate: Tensor | None
     if isinstance(norm, OperatorNorm):
         if norm.certified:
-            estimate = buffers["_bound"]
+            estimate = norm._divisor(original.detach())
         elif norm.conv is not None and norm._op_v.numel():  # an input size is known
             # The Ritz value of the last block step; the forward divides by ||A v|| for
             # its top vector v, which equals it to the iteration's accuracy.
@@ -117,7 +122,7 @@ def sigma_estimates(
     """
     if not isinstance(as_tensors, bool):
         raise InvalidArgumentTypeError(f"as_tensors must be a bool, got {as_tensors!r}")
-    estimates = {name: _estimate(norm) for name, norm, _ in _weights(model)}
+    estimates = {name: _estimate(norm, original) for name, norm, original in _weights(model)}
     by_device: dict[torch.device, list[str]] = {}
     for name, value in estimates.items():
         by_device.setdefault(value.device, []).append(name)
