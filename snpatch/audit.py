@@ -6,8 +6,9 @@ no GPU) and one forward runs under a ``TorchDispatchMode`` that records every at
 dispatches. That is the code path a CUDA device runs, so the record shows how many ops
 each normalized weight costs and whether any of them makes the host wait for the device
 (:data:`SYNCHRONIZING_OPS`: a device-to-host copy of a value, or a LAPACK-style solver that
-checks its result on the host). The autograd engine does not run on fake tensors, so the
-backward of snpatch's normalization is audited by calling it directly.
+checks its result on the host). It needs a torch built with CUDA, not a GPU. The autograd
+engine does not run on fake tensors, so the backward of snpatch's normalization is audited
+by calling it directly.
 
     >>> import torch.nn as nn, snpatch
     >>> from snpatch.audit import audit_forward
@@ -33,6 +34,7 @@ from torch._subclasses.fake_tensor import (
 )
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .errors import MissingDependencyError
 from .parametrization import _Normalize, _scale
 
 __all__ = [
@@ -90,6 +92,14 @@ class _Recorder(TorchDispatchMode):  # type: ignore[no-untyped-call]  # (torch's
         return func(*args, **(kwargs or {}))
 
 
+def _check_cuda_build() -> None:
+    if torch.version.cuda is None:
+        raise MissingDependencyError(
+            "snpatch.audit needs a torch built with CUDA (no GPU needed) to make fake CUDA "
+            f"tensors; torch {torch.__version__} is a CPU-only build"
+        )
+
+
 def _to_fake_cuda(model: nn.Module, mode: FakeTensorMode) -> None:
     """Replace every parameter and buffer of ``model`` by a fake CUDA tensor like it."""
     for module in model.modules():
@@ -119,6 +129,7 @@ def audit_forward(
     then moved to fake CUDA tensors; in training mode the forward includes the iteration
     step, as a training step on a GPU does.
     """
+    _check_cuda_build()
     model = build()
     if patch is not None:
         patch(model)
@@ -182,6 +193,7 @@ def audit_backward(
     shape: tuple[int, ...], *, dim: int = 0, soft: bool = False
 ) -> collections.Counter[str]:
     """The aten ops of snpatch's normalization backward for one fake CUDA weight."""
+    _check_cuda_build()
     mode = FakeTensorMode()
     recorder = _Recorder()
     with mode:

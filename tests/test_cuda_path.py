@@ -11,11 +11,17 @@ from collections.abc import Callable
 
 import pytest
 import torch
-import torchvision
 from torch import nn
 
 import snpatch
 from snpatch.audit import SYNCHRONIZING_OPS, audit_backward, ops_per_weight, synchronizing_ops
+from tests.conftest import needs_torchvision, torchvision
+
+# Fake CUDA tensors need a torch built with CUDA (no GPU needed); the CPU-only wheels
+# (the torch 2.13 lane of .ci/run) can't make them.
+needs_cuda_build = pytest.mark.skipif(
+    torch.version.cuda is None, reason="a CPU-only torch build can't make fake CUDA tensors"
+)
 
 MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "mlp": (lambda: nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3)), (4, 6)),
@@ -33,18 +39,25 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
 }
 
 
+def _names(*names: str) -> list[object]:
+    """``names`` for ``parametrize``; resnet18 marked as needing torchvision."""
+    return [pytest.param(n, marks=needs_torchvision) if n == "resnet18" else n for n in names]
+
+
 def _operator(model: nn.Module) -> object:
     return snpatch.apply_spectral_norm(
         model, method="operator", example_inputs=(torch.randn(1, 3, 8, 8),)
     )
 
 
-@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("name", _names(*MODELS))
+@needs_cuda_build
 def test_eval_forward_never_synchronizes(name: str) -> None:
     build, shape = MODELS[name]
     assert synchronizing_ops(build, snpatch.apply_spectral_norm, shape, training=False) == set()
 
 
+@needs_cuda_build
 def test_the_audit_sees_a_synchronizing_op() -> None:
     # The audit itself must be able to fail: a layer that reads a value on the host.
     class ReadsScale(nn.Linear):
@@ -57,6 +70,7 @@ def test_the_audit_sees_a_synchronizing_op() -> None:
 
 @pytest.mark.parametrize(("shape", "dim"), [((16, 8), 0), ((8, 4, 3, 3), 0), ((4, 8, 3, 3), 1)])
 @pytest.mark.parametrize("soft", [False, True])
+@needs_cuda_build
 def test_backward_of_the_normalization_never_synchronizes(
     shape: tuple[int, ...], dim: int, soft: bool
 ) -> None:
@@ -66,18 +80,21 @@ def test_backward_of_the_normalization_never_synchronizes(
 
 
 @pytest.mark.xfail(strict=True, reason="issue 14: the block step's SVD of R synchronizes")
-@pytest.mark.parametrize("name", ["mlp", "resnet18"])
+@pytest.mark.parametrize("name", _names("mlp", "resnet18"))
+@needs_cuda_build
 def test_training_forward_never_synchronizes(name: str) -> None:
     build, shape = MODELS[name]
     assert synchronizing_ops(build, snpatch.apply_spectral_norm, shape, training=True) == set()
 
 
+@needs_cuda_build
 def test_operator_mode_eval_forward_never_synchronizes() -> None:
     build, shape = MODELS["conv"]
     assert synchronizing_ops(build, _operator, shape, training=False) == set()
 
 
 @pytest.mark.xfail(strict=True, reason="issue 14: the operator block step's SVD synchronizes")
+@needs_cuda_build
 def test_operator_mode_training_forward_never_synchronizes() -> None:
     build, shape = MODELS["conv"]
     assert synchronizing_ops(build, _operator, shape, training=True) == set()
@@ -88,9 +105,17 @@ def _torch_spectral_norm(model: nn.Module) -> None:
         torch.nn.utils.parametrizations.spectral_norm(model.get_submodule(name))
 
 
+@needs_torchvision
 @pytest.mark.xfail(strict=True, reason="issue 14: 31 aten ops per weight against torch's 17")
+@needs_cuda_build
 def test_training_forward_costs_no_more_ops_per_weight_than_torch() -> None:
     build, shape = MODELS["resnet18"]
     ours = ops_per_weight(build, snpatch.apply_spectral_norm, shape, 21, training=True)
     theirs = ops_per_weight(build, _torch_spectral_norm, shape, 21, training=True)
     assert ours <= theirs
+
+
+@pytest.mark.skipif(torch.version.cuda is not None, reason="this torch is built with CUDA")
+def test_a_cpu_only_torch_gets_a_clear_error() -> None:
+    with pytest.raises(snpatch.MissingDependencyError, match="CPU-only build"):
+        audit_backward((4, 4))
