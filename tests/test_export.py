@@ -14,6 +14,7 @@ from torch import nn
 import snpatch
 from snpatch.patch import CheckpointAdapter, PowerIterationHook
 from tests.conftest import (
+    VISION_MARKS,
     ZOO,
     exact_sigma,
     first_output,
@@ -482,11 +483,16 @@ def _with_other_parametrization() -> nn.Module:
 @pytest.mark.parametrize(
     "build",
     [
-        lambda: torchvision.models.mnasnet0_5(weights=None),  # versioned _load_from_state_dict
-        _with_other_parametrization,  # the owner keeps a 'parametrizations' entry for its bias
-        lambda: nn.Sequential(nn.Linear(4, 4), nn.MultiheadAttention(4, 2)),
+        pytest.param(
+            lambda: torchvision.models.mnasnet0_5(weights=None),  # versioned loading
+            marks=VISION_MARKS,
+            id="mnasnet0_5",
+        ),
+        pytest.param(_with_other_parametrization, id="other_parametrization"),  # bias too
+        pytest.param(
+            lambda: nn.Sequential(nn.Linear(4, 4), nn.MultiheadAttention(4, 2)), id="attention"
+        ),
     ],
-    ids=["mnasnet0_5", "other_parametrization", "attention"],
 )
 def test_plain_state_dict_keeps_the_metadata_of_the_never_patched_model(
     build: Callable[[], nn.Module],
