@@ -930,8 +930,8 @@ class OperatorNorm(SpectralNorm):
     def forward(self, weight: Tensor) -> Tensor:
         if not self.certified and self.input_size is None:
             return super().forward(weight)
-        if self.training and not torch.compiler.is_compiling():  # compiled: the pre-hook steps
-            self.advance(weight)
+        if self.training:
+            self._advance_on_read(weight)
         with torch.autocast(weight.device.type, enabled=False):
             live = self._live(weight.to(self._u.dtype))
             if self.certified:

@@ -666,17 +666,13 @@ class SpectralNorm(nn.Module):
         in-place update, ``load_state_dict`` and ``model.to()`` change), so each weight is
         stepped once per training step however often the step reads it (``D(real)``,
         ``D(fake)``, a gradient penalty). An edit through ``.data`` outside an optimizer
-        step bypasses both: call :func:`snpatch.update_sigma` after one. Not while activation
-        checkpointing recomputes a forward in backward, nor under ``torch.func``
-        transforms (no state may change there); while ``torch.compile`` traces, the
-        pre-hook steps at every training forward (a version counter can't be guarded on
-        without a recompilation per step).
+        step bypasses both: call :func:`snpatch.update_sigma` after one.
+
+        The callers leave out the contexts where no state may change (activation
+        checkpointing recomputing a forward in backward, ``torch.func`` transforms) and
+        ``torch.compile`` tracing, where the pre-hook steps at every training forward (a
+        version counter can't be guarded on without a recompilation per step).
         """
-        if in_backward_pass() or in_functorch_transform():
-            return
-        if torch.compiler.is_compiling():
-            self.power_step(weight)
-            return
         try:
             key = (_OptimizerSteps.count, id(weight), weight.data_ptr(), weight._version)
         except RuntimeError:  # an inference tensor has no version counter: always step
@@ -684,6 +680,11 @@ class SpectralNorm(nn.Module):
         if key is None or key != self._stepped_for:
             self.power_step(weight)
             self._stepped_for = key
+
+    def _advance_on_read(self, weight: Tensor) -> None:
+        """:meth:`advance` from a training-mode read, where state may change."""
+        if not (torch.compiler.is_compiling() or in_backward_pass() or in_functorch_transform()):
+            self.advance(weight)
 
     def power_step(self, weight: Tensor) -> None:
         """Advance the iteration ``n_power_iterations`` steps for the current ``weight``."""
@@ -735,8 +736,7 @@ class SpectralNorm(nn.Module):
         if self.training and not functorch:
             if self._cache is not None:  # (nn.Module.__setattr__ is slow: not every step)
                 self._cache = None
-            if not torch.compiler.is_compiling():  # compiled: the pre-hook steps
-                self.advance(weight)
+            self._advance_on_read(weight)
             sigma = self._sigma
         else:
             sigma = self.sigma(weight)

@@ -156,7 +156,7 @@ class PowerIterationHook:
         self.observes = observes
 
     def __call__(self, module: nn.Module, args: tuple[object, ...]) -> None:
-        # Advance once per training forward: not again when activation checkpointing
+        # Advance once per new weight value: not when activation checkpointing
         # recomputes the forward during backward, and not under torch.func transforms,
         # which forbid the in-place update (see in_backward_pass, in_functorch_transform).
         if not (module.training or self.observes):
@@ -171,8 +171,13 @@ class PowerIterationHook:
                     norm.observe(original, args)
         if not module.training:
             return
+        # Compiled: a step at every training forward (see SpectralNorm.advance).
+        compiling = torch.compiler.is_compiling()
         for _, norm, original in norms:
-            norm.advance(original)
+            if compiling:
+                norm.power_step(original)
+            else:
+                norm.advance(original)
 
     def norms(
         self, layer: nn.Module, *, removed_ok: bool = False
