@@ -43,7 +43,13 @@ def _loaded_class(module: str, name: str) -> type | None:
     return cls if isinstance(cls, type) else None
 
 
-__all__ = ["check_not_sharded", "check_not_wrapped", "gathered", "sharded_like"]
+__all__ = ["check_not_sharded", "check_not_wrapped", "gathered", "is_sharded", "sharded_like"]
+
+
+def is_sharded(tensor: Tensor) -> bool:
+    """Whether ``tensor`` is a ``DTensor`` (a shard, as ``fully_shard`` keeps parameters)."""
+    dtensor = _loaded_class("torch.distributed.tensor", "DTensor")
+    return dtensor is not None and isinstance(tensor, dtensor)
 
 
 def gathered(tensor: Tensor) -> Tensor:

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .distributed import check_not_sharded
+from .engine import Cohort
 from .errors import (
     AlreadyPatchedError,
     InvalidArgumentTypeError,
@@ -236,6 +237,7 @@ def restore_spectral_norm(model: T_module, snapshot: SpectralNormSnapshot) -> T_
         [(name, layer) for name, (layer, _) in zip(snapshot.layers, plans, strict=True)],
         "restore the spectral normalization of",
     )
+    cohort = Cohort()
     for layer, targets in plans:
         with torch.no_grad():
             for path, tensor_name, parameter, original, _ in targets:
@@ -251,6 +253,7 @@ def restore_spectral_norm(model: T_module, snapshot: SpectralNormSnapshot) -> T_
             layer,
             [(path, tensor_name) for path, tensor_name, _, _, _ in targets],
             [norm for _, _, _, _, norm in targets],
+            cohort,
         )
         for _, _, _, _, norm in targets:
             norm.train(layer.training)

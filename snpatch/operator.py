@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .distributed import gathered, sharded_like
+from .engine import BlockProducts, RitzRow, block_step
 from .parametrization import (
     _LANCZOS_MAX_STEPS,
     _LOW_PRECISION,
@@ -817,22 +818,41 @@ class OperatorNorm(SpectralNorm):
 
     def _converge_operator(self, weight: Tensor) -> None:
         with torch.autocast(weight.device.type, enabled=False):
-            w = self._state(weight)
-            self._fit_operator_block(w)
-            self._operator_step(w)
+            self._fit_operator_block(self._state(weight))
+            block_step(self._operator_products(weight))
 
-    def _operator_step(self, w: Tensor) -> None:
-        """One block step: ``A X = Q R1``, ``A^T Q = P R``, ``R = X S Y^T`` (Rayleigh-Ritz)."""
+    def step_products(self, weight: Tensor, *, first: bool) -> list[BlockProducts]:
+        if self.input_size is None:
+            return super().step_products(weight, first=first)
+        if self.n_power_iterations == 0:
+            if first:
+                with torch.autocast(weight.device.type, enabled=False):
+                    self._op_sigma.copy_(self._live(self._state(weight)))
+            return []
+        return self._operator_products(weight)
+
+    def _operator_products(self, weight: Tensor) -> list[BlockProducts]:
+        """``Y = A X`` and ``Z = A^T Y`` for the block ``X`` of input-shaped vectors."""
         assert self.conv is not None
         conv = self.conv
-        out, pullback = _vjp(lambda x: conv.apply(x, w), self._op_block)
-        left = torch.linalg.qr(out.flatten(1).mT)[0]
-        back = pullback(left.mT.reshape(out.shape))
-        right, tri = torch.linalg.qr(back.flatten(1).mT)
-        x, values, _ = torch.linalg.svd(tri)
-        self._op_v.copy_((right @ x[:, 0]).reshape(self._op_v.shape))
-        self._op_block.copy_(right.mT.reshape(self._op_block.shape))
-        self._op_sigma.copy_(values[0])
+        with torch.autocast(weight.device.type, enabled=False):
+            w = self._state(weight)
+            out, pullback = _vjp(lambda x: conv.apply(x, w), self._op_block)
+            back = pullback(out)
+        return [BlockProducts(out.flatten(1).mT, back.flatten(1).mT, self._finish_operator)]
+
+    def _finish_operator(self, y: Tensor, z: Tensor, row: RitzRow) -> list[tuple[Tensor, Tensor]]:
+        block = self._op_block
+        columns = block.flatten(1).mT
+        v = torch.mv(z, row.cv)
+        new = torch.linalg.solve_triangular(
+            row.factor_t, torch.addcmul(z, columns, row.tau), upper=True, left=False
+        )
+        return [
+            (self._op_v, v.reshape(self._op_v.shape)),
+            (block, new.mT.reshape(block.shape)),
+            (self._op_sigma, row.sigma),
+        ]
 
     @torch.no_grad()
     def refit_block(self, weight: Tensor) -> None:
@@ -848,18 +868,6 @@ class OperatorNorm(SpectralNorm):
                 self._op_sigma.copy_(self._live(w))
         if self.certified:
             self._update_bound(weight)
-
-    @torch.no_grad()
-    def power_step(self, weight: Tensor) -> None:
-        if self.input_size is None:
-            super().power_step(weight)
-        else:
-            with torch.autocast(weight.device.type, enabled=False):
-                w = self._state(weight)
-                for _ in range(self.n_power_iterations):
-                    self._operator_step(w)
-                if self.n_power_iterations == 0:
-                    self._op_sigma.copy_(self._live(w))
 
     def _bound_key(self, weight: Tensor) -> tuple[object, ...] | None:
         """What the divisor depends on: the weight's storage and version, the input size.

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .distributed import gathered, sharded_like
+from .engine import BlockProducts, Cohort, RitzRow, block_step, step_norms
 from .errors import SerializationError
 
 __all__ = [
@@ -524,6 +525,12 @@ class SpectralNorm(nn.Module):
     eval_cache: bool = True
     #: (optimizer steps, weight identity, storage, version) when the state last advanced.
     _stepped_for: tuple[int, int, int, int] | None = None
+    #: The weights patched with this one, stepped with it (set by ``Cohort.add``).
+    _cohort: Cohort | None = None
+    #: ``(u, v, sigma, scale, options)`` of the last step, for its training forwards, valid
+    #: while ``_u`` is at ``_fresh_version`` (any other write to the state bumps it).
+    _fresh: tuple[Tensor, Tensor, Tensor, Tensor, tuple[float, str, float]] | None = None
+    _fresh_version: int = -1
 
     def __init__(
         self,
@@ -549,9 +556,8 @@ class SpectralNorm(nn.Module):
             k = min(block_size, rows, cols)
             self.register_buffer("_u", F.normalize(matrix.new_empty(rows).normal_(), dim=0))
             self.register_buffer("_v", F.normalize(matrix.new_empty(cols).normal_(), dim=0))
-            # Stored transposed (k x cols, rows contiguous): the layout in which the
-            # products with the weight run fastest on CPU BLAS.
-            block = _orthonormal(cols, k, matrix).mT.contiguous()
+            # The block's vectors as columns (cols x k).
+            block = _orthonormal(cols, k, matrix)
             self.register_buffer("_block", block, persistent=False)
             self.register_buffer("_sigma", matrix.new_zeros(()), persistent=False)
         self._cache: tuple[tuple[object, ...], Tensor] | None = None
@@ -615,13 +621,15 @@ class SpectralNorm(nn.Module):
 
     def _matrix(self, weight: Tensor) -> Tensor:
         """The detached weight as a matrix in the state's dtype (float32 at least)."""
-        matrix = weight_to_matrix(weight.detach(), self.dim)
+        if torch.is_grad_enabled():
+            weight = weight.detach()
+        matrix = weight_to_matrix(weight, self.dim)
         return matrix.to(_state_dtype(weight.dtype))
 
     @property
     def block_size(self) -> int:
         """Number of singular vectors tracked per side."""
-        return int(self._block.shape[0])
+        return int(self._block.shape[1])
 
     @torch.no_grad()
     def converge(self, weight: Tensor) -> None:
@@ -631,9 +639,8 @@ class SpectralNorm(nn.Module):
         """
         weight = gathered(weight)
         with torch.autocast(weight.device.type, enabled=False):
-            matrix = self._matrix(weight)
-            self._fit_block(matrix)
-            self._step(matrix)
+            self._fit_block(self._matrix(weight))
+            block_step(self._matrix_products(weight))
 
     @torch.no_grad()
     def refit_block(self, weight: Tensor) -> None:
@@ -652,8 +659,9 @@ class SpectralNorm(nn.Module):
         if min(matrix.shape) <= _GRAM_LIMIT:
             basis = _gram_subspace(matrix, k)
         else:
-            basis = _lanczos_subspace(matrix, k, self._block[0].clone())
-        self._block.copy_(basis.mT)
+            basis = _lanczos_subspace(matrix, k, self._block[:, 0].clone())
+        self._block.copy_(basis)
+        self._fresh = None
 
     def advance(self, weight: Tensor) -> None:
         """Advance the iteration once for each new value of ``weight``; then do nothing.
@@ -673,13 +681,25 @@ class SpectralNorm(nn.Module):
         ``torch.compile`` tracing, where the pre-hook steps at every training forward (a
         version counter can't be guarded on without a recompilation per step).
         """
-        try:
-            key = (_OptimizerSteps.count, id(weight), weight.data_ptr(), weight._version)
-        except RuntimeError:  # an inference tensor has no version counter: always step
-            key = None
+        key = self.value_key(weight)
         if key is None or key != self._stepped_for:
-            self.power_step(weight)
+            cohort = self._cohort
+            if cohort is not None:
+                cohort.step_stale(self, weight)  # sets every stepped member's key
+            else:
+                step_norms([(self, weight)])
             self._stepped_for = key
+
+    @staticmethod
+    def value_key(weight: Tensor) -> tuple[int, int, int, int] | None:
+        """What tells a new value of ``weight`` (see :meth:`advance`); None: always new.
+
+        Host-side metadata only: reading it never synchronizes a device.
+        """
+        try:
+            return (_OptimizerSteps.count, id(weight), weight.data_ptr(), weight._version)
+        except RuntimeError:  # an inference tensor has no version counter
+            return None
 
     def _advance_on_read(self, weight: Tensor) -> None:
         """:meth:`advance` from a training-mode read, where state may change."""
@@ -688,29 +708,57 @@ class SpectralNorm(nn.Module):
 
     def power_step(self, weight: Tensor) -> None:
         """Advance the iteration ``n_power_iterations`` steps for the current ``weight``."""
-        with torch.no_grad(), _full_precision(weight):
-            self._advance(self._matrix(weight))
+        step_norms([(self, weight)])
 
-    def _advance(self, matrix: Tensor) -> None:
+    def step_products(self, weight: Tensor, *, first: bool) -> list[BlockProducts]:
+        """This estimator's products for one step of :func:`snpatch.engine.block_step`.
+
+        With ``n_power_iterations == 0`` there is no step: ``sigma`` is ``u^T W v`` for the
+        current weight (computed here, on the ``first`` round).
+        """
         if self.n_power_iterations == 0:
-            self._sigma.copy_(torch.vdot(self._u, matrix @ self._v))
-        for _ in range(self.n_power_iterations):
-            self._step(matrix)
+            if first:
+                with _full_precision(weight):
+                    self._sigma.copy_(torch.vdot(self._u, self._matrix(weight) @ self._v))
+                self._fresh = None
+            return []
+        return self._matrix_products(weight)
 
-    def _step(self, matrix: Tensor) -> None:
-        # Both products keep the block vectors as rows (k x rows, k x cols): on CPU BLAS
-        # ``linear(B, W) = B W^T`` runs about twice as fast as ``W @ B^T`` for small k.
+    def _matrix_products(self, weight: Tensor) -> list[BlockProducts]:
+        with _full_precision(weight):
+            matrix = self._matrix(weight)
+            block = self._buffers["_block"]
+            assert block is not None
+            y = matrix @ block
+            z = matrix.mT @ y
+        options = (self.lipschitz, self.mode == "soft", self.eps)
+        return [BlockProducts(y, z, self._finish, options, self._commit)]
+
+    def _finish(self, y: Tensor, z: Tensor, row: RitzRow) -> list[tuple[Tensor, Tensor]]:
         # (The buffers are read from ``_buffers``: nn.Module.__getattr__ costs a small
         # layer's step several microseconds.)
         state = cast(dict[str, Tensor], self._buffers)
         block = state["_block"]
-        left = torch.linalg.qr(F.linear(block, matrix).mT)[0]
-        right, tri = torch.linalg.qr((left.mT @ matrix).mT)
-        x, values, yh = torch.linalg.svd(tri)
-        state["_u"].copy_(left @ yh[0])
-        state["_v"].copy_(right @ x[:, 0])
-        block.copy_(right.mT)
-        state["_sigma"].copy_(values[0])
+        u = torch.mv(y, row.cu)
+        v = torch.mv(z, row.cv)
+        new_block = torch.linalg.solve_triangular(
+            row.factor_t, torch.addcmul(z, block, row.tau), upper=True, left=False
+        )
+        sigma = row.sigma
+        if row.scale is not None and not torch.compiler.is_compiling():
+            # What the training forwards of this value divide by: new tensors, which later
+            # steps don't overwrite (the buffers get copies), so no forward clones them.
+            self._fresh = (u, v, sigma, row.scale, (self.lipschitz, self.mode, self.eps))
+        else:
+            self._fresh = None
+        return [(state["_u"], u), (state["_v"], v), (state["_sigma"], sigma), (block, new_block)]
+
+    def _commit(self) -> None:
+        if self._fresh is not None:
+            try:
+                self._fresh_version = self._buffers["_u"]._version  # type: ignore[union-attr]
+            except RuntimeError:  # an inference tensor (made under inference_mode): no version
+                self._fresh = None
 
     def sigma(self, weight: Tensor) -> Tensor:
         """The estimate ``u^T W v`` that the eval forward divides by (no grad)."""
@@ -733,18 +781,30 @@ class SpectralNorm(nn.Module):
         if self._serves_cache(weight):
             return self._cached(weight)
         functorch = in_functorch_transform()
+        soft = self.mode == "soft"
+        compiling = torch.compiler.is_compiling()
         if self.training and not functorch:
             if self._cache is not None:  # (nn.Module.__setattr__ is slow: not every step)
                 self._cache = None
             self._advance_on_read(weight)
+            fresh = self._fresh
+            if (
+                fresh is not None
+                and not compiling
+                and self._fresh_version == self._buffers["_u"]._version  # type: ignore[union-attr]
+                and fresh[4] == (self.lipschitz, self.mode, self.eps)
+            ):
+                # The step's own results (never written in place afterwards).
+                return _NormalizeEager.apply(  # type: ignore[no-any-return]
+                    weight, *fresh[:4], self.lipschitz, soft, self.eps, self.dim
+                )
             sigma = self._sigma
         else:
             sigma = self.sigma(weight)
-        # Cloned: a second forward before backward (D(real), D(fake)) updates the buffers
-        # in place, and autograd must see the values this forward used.
+        # Cloned: a later step (or a load) updates the buffers in place, and autograd
+        # must see the values this forward used.
         sigma = sigma.clone()
-        soft = self.mode == "soft"
-        function = _Normalize if functorch or torch.compiler.is_compiling() else _NormalizeEager
+        function = _Normalize if functorch or compiling else _NormalizeEager
         return function.apply(  # type: ignore[no-any-return]
             weight,
             self._u.clone(),

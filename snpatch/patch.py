@@ -24,6 +24,7 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.spectral_norm import SpectralNorm as _LegacySpectralNorm
 
 from .distributed import check_not_wrapped, gathered
+from .engine import Cohort
 from .errors import (
     AlreadyPatchedError,
     InvalidArgumentError,
@@ -495,8 +496,9 @@ def apply_spectral_norm(
         )
         for layer, targets, weights in plans
     ]
+    cohort = Cohort()
     for layer, targets, norms in built:
-        install(layer, [(t.path, t.tensor_name) for t in targets], norms)
+        install(layer, [(t.path, t.tensor_name) for t in targets], norms, cohort)
     return model
 
 
@@ -555,11 +557,15 @@ def _keeping_gradient_accumulators() -> Iterator[None]:
 
 
 def install(
-    layer: nn.Module, targets: Sequence[tuple[str, str]], norms: Sequence[nn.Module]
+    layer: nn.Module,
+    targets: Sequence[tuple[str, str]],
+    norms: Sequence[nn.Module],
+    cohort: Cohort,
 ) -> None:
     """Register ``norms`` on the ``(path, tensor name)`` targets of ``layer``, and its hooks.
 
     The one place that changes a layer into a patched one (used by apply and restore).
+    ``cohort`` gets the norms: the weights patched (or restored) together step together.
     """
     adapter = CheckpointAdapter()
     for (path, tensor_name), norm in zip(targets, norms, strict=True):
@@ -572,6 +578,8 @@ def install(
         cls = type(owner)
         cls.__getstate__ = _refuse_pickling  # type: ignore[method-assign]
         setattr(cls, tensor_name, _with_eval_cache(tensor_name, getattr(cls, tensor_name)))
+        if isinstance(norm, SpectralNorm):
+            cohort.add(owner, tensor_name, norm)
     observes = any(isinstance(norm, OperatorNorm) for norm in norms)
     layer.register_forward_pre_hook(PowerIterationHook(targets, observes))
     layer.register_load_state_dict_pre_hook(adapter.before_load)  # type: ignore[no-untyped-call]

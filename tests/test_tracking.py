@@ -52,13 +52,14 @@ def test_weights_read_outside_their_layer_are_held_at_the_target() -> None:
 class CountSteps:
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.count = 0
-        power_step = snpatch.SpectralNorm.power_step
+        # Every step of a weight, batched or not, starts with its products (first round).
+        step_products = snpatch.SpectralNorm.step_products
 
-        def counting(norm: snpatch.SpectralNorm, weight: torch.Tensor) -> None:
-            self.count += 1
-            power_step(norm, weight)
+        def counting(norm: snpatch.SpectralNorm, weight: torch.Tensor, *, first: bool) -> object:
+            self.count += first
+            return step_products(norm, weight, first=first)
 
-        monkeypatch.setattr(snpatch.SpectralNorm, "power_step", counting)
+        monkeypatch.setattr(snpatch.SpectralNorm, "step_products", counting)
 
 
 @pytest.mark.parametrize("reads", [1, 3])

@@ -172,13 +172,14 @@ def test_checkpointing_advances_the_iteration_once_and_gives_exact_gradients(
     model = copy.deepcopy(reference)
     model.use_reentrant = use_reentrant
     steps = {"count": 0}
-    power_step = snpatch.SpectralNorm.power_step
+    # Every step of a weight, batched or not, starts with its products (first round).
+    step_products = snpatch.SpectralNorm.step_products
 
-    def counting(self: snpatch.SpectralNorm, weight: torch.Tensor) -> None:
-        steps["count"] += 1
-        power_step(self, weight)
+    def counting(self: snpatch.SpectralNorm, weight: torch.Tensor, *, first: bool) -> object:
+        steps["count"] += first
+        return step_products(self, weight, first=first)
 
-    monkeypatch.setattr(snpatch.SpectralNorm, "power_step", counting)
+    monkeypatch.setattr(snpatch.SpectralNorm, "step_products", counting)
     x = torch.randn(4, 6, requires_grad=use_reentrant)
     optimizers = [torch.optim.SGD(m.parameters(), lr=0.5) for m in (model, reference)]
     for _ in range(3):
