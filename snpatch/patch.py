@@ -445,7 +445,7 @@ def apply_spectral_norm(
             :class:`snpatch.TensorNames` with a ``dim`` (default: 0, or 1 for
             ``ConvTranspose*d``, as torch's). Names match the layer's own parameters and
             buffers (and ``out_proj.weight`` of an attention); each must match one of
-            every selected layer of that type. A type that no selected layer follows
+            every selected layer of that type. A type that no layer of the model follows
             gives a :class:`~snpatch.SnpatchWarning`.
 
     Returns:
@@ -477,8 +477,6 @@ def apply_spectral_norm(
     rules = TensorRules.parse(tensors)
     layers = resolve_selection(model, include, exclude, layer_types, rules)
     check_not_wrapped(layers)
-    if rules is not None:
-        rules.warn_unused(layers)
     plans = []
     for name, layer in layers:
         targets = layer_targets(layer, rules, name)

@@ -383,14 +383,14 @@ class TensorRules:
         return None
 
     def warn_unused(self, layers: Sequence[tuple[str, nn.Module]]) -> None:
-        """Warn naming each entry that no selected layer follows."""
+        """Warn naming each entry that none of ``layers`` (the eligible ones) follows."""
         used = {id(self.rule_for(module)) for _, module in layers}
         for layer_type, names in self.rules:
             if id(names) not in used:
                 warnings.warn(
-                    f"tensors[{layer_type.__name__}] applies to no selected layer",
+                    f"tensors[{layer_type.__name__}] applies to no layer of the model",
                     SnpatchWarning,
-                    stacklevel=3,
+                    stacklevel=4,
                 )
 
 
@@ -700,7 +700,6 @@ def select_layers(
             names = rules.rule_for(layer)
             if names is not None:
                 tensor_targets(name, layer, names)
-        rules.warn_unused(layers)
     return [name for name, _ in layers]
 
 
@@ -718,6 +717,8 @@ def resolve_selection(
     # The types ``tensors`` names are eligible whatever ``layer_types`` says.
     extra = tuple(t for t in tensors.types() if t not in types) if tensors is not None else ()
     candidates = eligible_layers(module, types + extra, linear_like=layer_types is None)
+    if tensors is not None:
+        tensors.warn_unused(candidates)
     # Patching "the whole model" must not leave a layer unnormalized without a word.
     whole_model = include is None and layer_types is None
     unsupported = _unsupported_weights(module, types + extra) if whole_model else []

@@ -291,3 +291,20 @@ def test_checkpoints_load_both_ways(name: str) -> None:
     fresh.eval()
     with torch.no_grad():
         assert torch.equal(first_output(fresh(x)), first_output(model(x)))
+
+
+def test_a_snapshot_of_other_tensors_is_refused_naming_them_and_changes_nothing() -> None:
+    tensors = {nn.LSTM: "weight_*"}
+    snapshot = snpatch.remove_spectral_norm(
+        snpatch.apply_spectral_norm(nn.Sequential(nn.LSTM(3, 4, num_layers=2)), tensors=tensors)
+    )
+    model = nn.Sequential(nn.LSTM(3, 4))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(snpatch.SnapshotMismatchError, match=r"no 'weight_hh_l1', 'weight_ih_l1'"):
+        snpatch.restore_spectral_norm(model, snapshot)
+    assert not snpatch.is_patched(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # Into the same architecture it goes back whatever the defaults are.
+    same = nn.Sequential(nn.LSTM(3, 4, num_layers=2))
+    snpatch.restore_spectral_norm(same, snapshot)
+    assert list(snpatch.spectral_norms(same[0])) == list(snapshot.layers["0"])
