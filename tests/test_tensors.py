@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import parametrizations
 
 import snpatch
 from snpatch.parametrization import weight_to_matrix
@@ -308,3 +309,37 @@ def test_a_snapshot_of_other_tensors_is_refused_naming_them_and_changes_nothing(
     same = nn.Sequential(nn.LSTM(3, 4, num_layers=2))
     snpatch.restore_spectral_norm(same, snapshot)
     assert list(snpatch.spectral_norms(same[0])) == list(snapshot.layers["0"])
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_checkpoints_move_between_torchs_spectral_norm_and_snpatch(name: str) -> None:
+    case = CASES[name]
+
+    def build() -> nn.Module:
+        torch.manual_seed(1)
+        # float64: torch divides W / sigma, snpatch multiplies W * (c / sigma).
+        return case.factory().double()
+
+    x = case.example()
+    x = x.double() if x.is_floating_point() else x
+    theirs = build()
+    for layer_name, tensors in case.expected.items():
+        for key, dim in tensors.items():
+            parametrizations.spectral_norm(theirs.get_submodule(layer_name), key, dim=dim)
+    for _ in range(5):
+        theirs(x)  # moves its u, v
+    theirs.eval()
+    ours = snpatch.apply_spectral_norm(build(), tensors=case.tensors).eval()
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    with torch.no_grad():
+        expected = first_output(theirs(x))
+        torch.testing.assert_close(first_output(ours(x)), expected, rtol=1e-12, atol=1e-14)
+
+    ours.train()
+    ours(x)  # our own iteration state now differs from torch's
+    ours.eval()
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    with torch.no_grad():
+        expected = first_output(ours(x))
+        torch.testing.assert_close(first_output(theirs(x)), expected, rtol=1e-12, atol=1e-14)
