@@ -210,15 +210,13 @@ def test_adam_training_keeps_each_tensor_the_forward_uses_at_its_target(name: st
 @pytest.mark.parametrize("name", list(CASES))
 def test_remove_export_restore_and_plain_checkpoints_are_exact(name: str) -> None:
     model, never_patched, x = _patched(name)
-    twin = copy.deepcopy(model)
-    opt_model = torch.optim.Adam(model.parameters(), lr=1e-3)
-    opt_twin = torch.optim.Adam(twin.parameters(), lr=1e-3)
-    _train(model, x, opt_model, 1)
-    _train(twin, x, opt_twin, 1)
+    twin = copy.deepcopy(model)  # never removed: what the model must stay equal to
+    optimizers = [(m, torch.optim.Adam(m.parameters(), lr=1e-3)) for m in (model, twin)]
+    for trained, optimizer in optimizers:
+        _train(trained, x, optimizer, 1)
+        trained.eval()
     param_ids = [id(p) for p in model.parameters()]
     plain = snpatch.plain_state_dict(model)
-    model.eval()
-    twin.eval()
     with torch.no_grad():
         expected = first_output(twin(x))
     with snpatch.exported(model):
@@ -250,8 +248,8 @@ def test_remove_export_restore_and_plain_checkpoints_are_exact(name: str) -> Non
     snpatch.restore_spectral_norm(model, torch.load(_saved(snapshot), weights_only=True))
     assert [id(p) for p in model.parameters()] == param_ids
     _assert_same_state(model, twin)
-    _train(model, x, opt_model, 2)
-    _train(twin, x, opt_twin, 2)
+    for trained, optimizer in optimizers:
+        _train(trained, x, optimizer, 2)
     _assert_same_state(model, twin)
 
 
