@@ -341,3 +341,20 @@ def test_checkpoints_move_between_torchs_spectral_norm_and_snpatch(name: str) ->
     with torch.no_grad():
         expected = first_output(ours(x))
         torch.testing.assert_close(first_output(theirs(x)), expected, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_spectral_report_and_sigma_readers_see_the_chosen_tensors(name: str) -> None:
+    model, _, _ = _patched(name)
+    report = snpatch.spectral_report(model)
+    assert [row.name for row in report] == list(CASES[name].expected)
+    for row in report:
+        assert row.sigma_exact == pytest.approx(LIPSCHITZ, rel=1e-5), row.name
+        assert row.within_target, row.name
+    expected_keys = [
+        ".".join(p for p in (layer, key) if p)
+        for layer, tensors in CASES[name].expected.items()
+        for key in tensors
+    ]
+    assert list(snpatch.exact_sigmas(model)) == expected_keys
+    assert list(snpatch.sigma_estimates(model)) == expected_keys
