@@ -43,6 +43,7 @@ from .select import (
     TensorRules,
     TensorSpec,
     check_model,
+    default_dim,
     default_targets,
     resolve_selection,
     select_from,
@@ -487,6 +488,14 @@ def apply_spectral_norm(
                 f"({type(layer).__name__}) would be normalized by its matrix norm; "
                 "pass method='operator'"
             )
+        if config.method == "operator" and is_conv(layer):
+            dim = default_dim(layer, "weight")
+            if any(t.key == "weight" and t.dim != dim for t in targets):
+                raise InvalidArgumentError(
+                    f"method='operator' normalizes layer {name!r} ({type(layer).__name__}) by "
+                    f"its convolution, whose outputs are on dim {dim} of 'weight'; leave "
+                    "TensorNames(dim=None) for it, or pass method='matrix'"
+                )
     _check_not_shared(
         model,
         [

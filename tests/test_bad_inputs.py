@@ -89,6 +89,11 @@ BAD_ARGUMENTS = [
     ),
     ({"tensors": {nn.Linear: "bias"}}, UnsupportedLayerError, r"'bias' selects .* 1-D 'bias'"),
     (
+        {"tensors": {nn.Conv2d: snpatch.TensorNames("weight", dim=1)}, "method": "operator"},
+        ValueError,
+        r"method='operator' normalizes layer '0' \(Conv2d\) by its convolution.*dim 0",
+    ),
+    (
         {"tensors": {nn.Linear: "*"}},
         UnsupportedLayerError,
         "1-D 'bias' of shape \\(2,\\).*narrow the pattern to the weight matrices",

@@ -358,3 +358,29 @@ def test_spectral_report_and_sigma_readers_see_the_chosen_tensors(name: str) -> 
     ]
     assert list(snpatch.exact_sigmas(model)) == expected_keys
     assert list(snpatch.sigma_estimates(model)) == expected_keys
+
+
+class GatedConv(nn.Conv2d):
+    """A convolution with a second matrix: only its kernel is a convolution operator."""
+
+    def __init__(self) -> None:
+        super().__init__(3, 4, 3, padding=1)
+        self.gate = nn.Parameter(torch.randn(4, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("bchw,dc->bdhw", super().forward(x), self.gate)
+
+
+def test_operator_method_treats_only_a_convolutions_kernel_as_its_operator() -> None:
+    x = torch.randn(2, 3, 6, 6)
+    model = nn.Sequential(GatedConv())
+    snpatch.apply_spectral_norm(
+        model, tensors={GatedConv: ["weight", "gate"]}, method="operator", example_inputs=(x,)
+    )
+    norms = snpatch.spectral_norms(model[0])
+    assert isinstance(norms["weight"], snpatch.OperatorNorm)
+    assert norms["weight"].conv is not None
+    assert type(norms["gate"]) is snpatch.SpectralNorm
+    model.eval()
+    with torch.no_grad():
+        assert _exact(model[0].gate, 0) == pytest.approx(1.0, rel=1e-5)
