@@ -8,12 +8,15 @@ its target, remove / export / restore are exact, and checkpoints move both ways.
 from __future__ import annotations
 
 import copy
+import fnmatch
 import io
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
 import torch
+from hypothesis import assume, given
+from hypothesis import strategies as st
 from torch import nn
 from torch.nn.utils import parametrizations
 
@@ -21,6 +24,9 @@ import snpatch
 from snpatch.parametrization import weight_to_matrix
 from tests.conftest import first_output
 from tests.test_export import _assert_same_state, _hook_counts, _snpatch_hooks, _train
+
+# torch's note that its oneDNN CPU kernels don't do LSTM projections (it falls back).
+pytestmark = pytest.mark.filterwarnings("ignore:LSTM with projections is not supported")
 
 LIPSCHITZ = 0.5  # far from the initial sigmas: a forward on unnormalized weights shows
 
@@ -384,3 +390,47 @@ def test_operator_method_treats_only_a_convolutions_kernel_as_its_operator() -> 
     model.eval()
     with torch.no_grad():
         assert _exact(model[0].gate, 0) == pytest.approx(1.0, rel=1e-5)
+
+
+RNN_KINDS = {"LSTM": nn.LSTM, "GRU": nn.GRU, "RNN": nn.RNN}
+RNN_PATTERNS = [
+    "weight_*",
+    "weight_ih_l*",
+    "weight_hh_l*",
+    "weight_*_reverse",
+    "weight_??_l0",
+    "w*_l1*",
+]
+
+
+@st.composite
+def rnns(draw: st.DrawFn) -> tuple[nn.RNNBase, list[str]]:
+    kind = draw(st.sampled_from(sorted(RNN_KINDS)))
+    hidden = draw(st.integers(1, 9))
+    options = {
+        "num_layers": draw(st.integers(1, 3)),
+        "bidirectional": draw(st.booleans()),
+        "bias": draw(st.booleans()),
+    }
+    if kind == "LSTM" and hidden > 1:
+        options["proj_size"] = draw(st.integers(0, hidden - 1))
+    rnn = RNN_KINDS[kind](draw(st.integers(1, 9)), hidden, **options)
+    patterns = draw(st.lists(st.sampled_from(RNN_PATTERNS), min_size=1, max_size=3, unique=True))
+    return rnn, patterns
+
+
+@given(rnns(), st.floats(min_value=0.05, max_value=20.0))
+def test_any_rnn_gets_exactly_the_weights_its_globs_name_each_at_the_target(
+    drawn: tuple[nn.RNNBase, list[str]], lipschitz: float
+) -> None:
+    rnn, patterns = drawn
+    matrices = [n for n in rnn._flat_weights_names if getattr(rnn, n).dim() == 2]
+    expected = [n for n in matrices if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    assume(all(any(fnmatch.fnmatchcase(n, p) for n in matrices) for p in patterns))
+    snpatch.apply_spectral_norm(rnn, tensors={type(rnn): patterns}, lipschitz=lipschitz)
+    assert list(snpatch.spectral_norms(rnn)) == expected
+    rnn.train()
+    rnn(torch.randn(3, 2, rnn.input_size))
+    used = dict(zip(rnn._flat_weights_names, rnn._flat_weights, strict=True))
+    for name in expected:
+        assert _exact(used[name], 0) == pytest.approx(lipschitz, rel=1e-3), name
