@@ -6,7 +6,8 @@ PY     := $(VENV)/bin/python
 # Exact versions for development and CI; pyproject.toml declares ranges.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 STAMP  := $(VENV)/.installed
-# The second lane: the oldest torch tested, without torchvision (none is built for it here).
+# The second lane: the oldest torch tested in CI, without torchvision (none is built for it here).
+# (torch 2.11, the oldest declared, has no lane: README "Tested versions".)
 VENV213  := .venv213
 PY213    := $(VENV213)/bin/python
 TORCH213 := torch==2.13.0
