@@ -9,7 +9,7 @@ Flatten are 1-Lipschitz, so the product of the layers' certified bounds
 whose logit margin is m cannot change class under any input perturbation of l2 norm below
 m / (sqrt(2) * L).
 
-    python examples/lipschitz_classifier.py           # the README's figures (about a minute)
+    python examples/lipschitz_classifier.py           # docs/lipschitz.md: its figures (a minute)
     python examples/lipschitz_classifier.py --quick   # seconds; what the test suite runs
 """
 

@@ -25,7 +25,7 @@ training split (its held-out accuracy is printed) and, on generated images,
 The floor is the held-out images scored against the training images, the ceiling an
 untrained generator.
 
-    python examples/sngan_digits.py --plot docs/   # the README's figures (2 processes)
+    python examples/sngan_digits.py --plot docs/   # the figures in docs/gan.md (2 processes)
     python examples/sngan_digits.py --quick        # seconds; what the tests run
 """
 

@@ -9,7 +9,7 @@ linearly to 0, batch 256) are trained with and without
 target (0.5, 1, 2) and soft vs hard mode are compared, to see how much the one
 hyper-parameter needs tuning.
 
-    python examples/sngan_mixture.py            # the README's figures (minutes, one thread)
+    python examples/sngan_mixture.py            # the figures in docs/gan.md (minutes, one thread)
     python examples/sngan_mixture.py --quick    # seconds; what the test suite runs
     python examples/sngan_mixture.py --plot samples.png   # needs matplotlib (extra "examples")
 

@@ -10,6 +10,7 @@ from .errors import (
     InvalidArgumentTypeError,
     MissingDependencyError,
     NoMatchingLayersError,
+    NoMatchingTensorsError,
     ParametrizationRemovedError,
     SerializationError,
     SharedWeightError,
@@ -39,7 +40,7 @@ from .patch import (
     update_sigma,
 )
 from .report import SpectralReport, lipschitz_bound, lipschitz_bounds, spectral_report
-from .select import DEFAULT_LAYER_TYPES, LINEAR_LIKE_LAYERS, select_layers
+from .select import DEFAULT_LAYER_TYPES, LINEAR_LIKE_LAYERS, TensorNames, select_layers
 
 __version__ = "0.1.0"
 
@@ -51,6 +52,7 @@ __all__ = [
     "InvalidArgumentTypeError",
     "MissingDependencyError",
     "NoMatchingLayersError",
+    "NoMatchingTensorsError",
     "OperatorNorm",
     "ParametrizationRemovedError",
     "SerializationError",
@@ -62,6 +64,7 @@ __all__ = [
     "SpectralNormConfig",
     "SpectralNormSnapshot",
     "SpectralReport",
+    "TensorNames",
     "UnsupportedLayerError",
     "WrappedModelError",
     "__version__",

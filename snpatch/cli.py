@@ -3,7 +3,8 @@
 ``snpatch inspect [MODEL]`` builds a model (a torchvision model name, or
 ``package.module:factory``), loads ``--weights`` if given, patches it and prints each
 patched layer's top singular value before and after. ``snpatch bench [MODEL]`` times
-the model unpatched, with torch's spectral norm and with snpatch (see :mod:`snpatch.bench`).
+the model unpatched, with torch's spectral norm and with snpatch, on the CPU or a CUDA
+device, or with ``--ops`` counts the aten ops they dispatch (see :mod:`snpatch.bench`).
 Bad input gives one line on stderr and exit code 2.
 """
 
@@ -221,15 +222,38 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    model = bench.mlp() if args.model == "mlp" else build_model(args.model)
+    builtin = bench.BUILTINS.get(args.model)
+    factory = builtin.factory if builtin is not None else lambda: build_model(args.model)
+    batch_size = args.batch_size or (builtin.batch_size if builtin is not None else 16)
+    image_size = args.image_size or (builtin.image_size if builtin is not None else 64)
+    if args.ops:
+        timing = [
+            flag
+            for flag, given in (
+                ("--device", args.device != "cpu"),
+                ("--compile", args.compile is not None),
+                ("--run-length", args.run_length is not None),
+            )
+            if given
+        ]
+        if timing:
+            raise _UsageError(f"--ops counts ops and times nothing: drop {', '.join(timing)}")
+        report = bench.ops_report(
+            factory, batch_size=batch_size, image_size=image_size, label=args.model
+        )
+        print(json.dumps(report, indent=2) if args.json else bench.format_ops_report(report))
+        return 0
     result = bench.run_bench(
-        lambda: model,
-        batch_size=args.batch_size,
-        image_size=args.image_size,
+        factory,
+        batch_size=batch_size,
+        image_size=image_size,
         eval_batch_size=args.eval_batch_size,
         steps=args.steps,
         warmup=args.warmup,
         label=args.model,
+        device=args.device,
+        run_length=args.run_length,
+        compile_mode=args.compile,
     )
     if args.json:
         print(json.dumps(result.as_dict(), indent=2))
@@ -303,17 +327,49 @@ def _parser() -> argparse.ArgumentParser:
     timing = commands.add_parser(
         "bench", help="time training steps and eval forwards: unpatched, torch's, snpatch"
     )
+    builtins = ", ".join(
+        f"{name} ({b.description}; batch {b.batch_size})" for name, b in bench.BUILTINS.items()
+    )
     timing.add_argument(
         "model",
         nargs="?",
         default="resnet18",
-        help="torchvision model name, package.module:factory, or mlp (8 x Linear(512))",
+        help=f"torchvision model name, package.module:factory, or one of {builtins}",
     )
-    timing.add_argument("--batch-size", type=_count(1), default=16, help="training batch")
-    timing.add_argument("--image-size", type=_count(1), default=64, help="input side")
+    timing.add_argument(
+        "--batch-size", type=_count(1), help="training batch (default: the model's, else 16)"
+    )
+    timing.add_argument(
+        "--image-size", type=_count(1), help="input side (default: the model's, else 64)"
+    )
     timing.add_argument("--eval-batch-size", type=_count(1), default=1, help="eval batch")
-    timing.add_argument("--steps", type=_count(1), default=20, help="timed steps per variant")
+    timing.add_argument(
+        "--steps", type=_count(1), default=20, help="timed steps (or runs) per variant"
+    )
     timing.add_argument("--warmup", type=_count(0), default=3, help="untimed steps first")
+    timing.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="cuda: time runs of consecutive steps with CUDA events (needs a GPU)",
+    )
+    timing.add_argument(
+        "--run-length",
+        type=_count(1),
+        help="time runs of N consecutive steps, not single steps (default 20 on cuda)",
+    )
+    timing.add_argument(
+        "--compile",
+        choices=bench.COMPILE_MODES,
+        metavar="MODE",
+        help="also time a training step under torch.compile(mode=MODE), e.g. reduce-overhead",
+    )
+    timing.add_argument(
+        "--ops",
+        action="store_true",
+        help="count aten ops per normalized weight on the CUDA code path instead of timing "
+        "(needs a CUDA build of torch, not a GPU)",
+    )
     timing.add_argument("--json", action="store_true", help="print JSON instead of a table")
     timing.set_defaults(run=_bench)
     return parser

@@ -13,6 +13,7 @@ __all__ = [
     "InvalidArgumentTypeError",
     "MissingDependencyError",
     "NoMatchingLayersError",
+    "NoMatchingTensorsError",
     "ParametrizationRemovedError",
     "SerializationError",
     "SharedWeightError",
@@ -38,6 +39,10 @@ class InvalidArgumentTypeError(SnpatchError, TypeError):
 
 class NoMatchingLayersError(SnpatchError, ValueError):
     """An include pattern, or the whole selection, matched no eligible layer."""
+
+
+class NoMatchingTensorsError(NoMatchingLayersError):
+    """A tensor name of ``tensors={LayerType: ...}`` matched no tensor of a selected layer."""
 
 
 class AlreadyPatchedError(SnpatchError, RuntimeError):

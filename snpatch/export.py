@@ -35,14 +35,13 @@ from .patch import (
     _hook,
     checkpoint_adapter,
     install,
-    layer_targets,
     parametrization_list,
     patched_layers,
     spectral_norms,
     tensor_slots,
     uninstall_hooks,
 )
-from .select import LayerFilter, Pattern, check_model, select_from
+from .select import LayerFilter, Pattern, check_model, layer_tensors, select_from
 
 __all__ = [
     "SpectralNormSnapshot",
@@ -67,12 +66,12 @@ _FORMAT = 1
 class SpectralNormSnapshot:
     """Everything :func:`remove_spectral_norm` took off a model, to put back exactly.
 
-    ``layers`` maps each layer name to its weights (``"weight"``, or ``"in_proj_weight"``
-    and ``"out_proj.weight"`` for attention), each a record with ``kind``, ``config`` (the
-    options), ``buffers`` (the whole iteration state), ``original`` (the unnormalized
-    weight values) and, for a tied weight, ``tied`` (the name in the model of the tensor it
-    shares). Only tensors and plain Python values: ``torch.save`` it and load it
-    back with ``torch.load(path, weights_only=True)``.
+    ``layers`` maps each layer name to its weights (``"weight"``, ``"in_proj_weight"``
+    and ``"out_proj.weight"`` for attention, or those ``tensors`` chose), each a record
+    with ``kind``, ``config`` (the options), ``buffers`` (the whole iteration state),
+    ``original`` (the unnormalized weight values) and, for a tied weight, ``tied`` (the
+    name in the model of the tensor it shares). Only tensors and plain Python values:
+    ``torch.save`` it and load it back with ``torch.load(path, weights_only=True)``.
 
     Example:
         >>> import torch.nn as nn, snpatch
@@ -567,12 +566,14 @@ def _plan_restore(
     )
     if spectral_norms(layer):
         raise AlreadyPatchedError(f"{label} has spectral normalization already; nothing restored")
-    expected = {
-        f"{t.path}.{t.tensor_name}" if t.path else t.tensor_name for t in layer_targets(layer)
-    }
-    if set(weights) != expected:
+    # The snapshot says which tensors were normalized (the defaults or ``tensors``'s).
+    available = layer_tensors(layer)
+    unknown = sorted(set(weights) - set(available))
+    if unknown:
         raise SnapshotMismatchError(
-            f"the snapshot has weights {sorted(weights)} for {label}, which has {sorted(expected)}"
+            f"the snapshot has weights {sorted(weights)} for {label}, which has no "
+            f"{', '.join(repr(k) for k in unknown)}; its tensors: "
+            + ", ".join(repr(k) for k in available)
         )
     plan = []
     for key, record in weights.items():

@@ -615,7 +615,7 @@ def linear_maps(
     return apply, adjoint, math.prod(shape)
 
 
-#: Input-shaped vectors tracked per convolution in operator mode (see the README).
+#: Input-shaped vectors tracked per convolution in operator mode (see docs/lipschitz.md).
 OPERATOR_BLOCK_SIZE = 4
 # Entries (input + output sizes times steps) a Lanczos run may hold.
 _LANCZOS_ENTRIES = 1 << 25
@@ -653,7 +653,12 @@ class OperatorNorm(SpectralNorm):
     ``_sigma``, ``_op_block``, ``_op_sigma`` (re-fitted after loading).
 
     Args:
-        weight, dim, lipschitz, mode, n_power_iterations, eps: as for :class:`SpectralNorm`.
+        weight: the weight to normalize, as for :class:`SpectralNorm`.
+        dim: as for :class:`SpectralNorm`.
+        lipschitz: as for :class:`SpectralNorm`.
+        mode: as for :class:`SpectralNorm`.
+        n_power_iterations: as for :class:`SpectralNorm`.
+        eps: as for :class:`SpectralNorm`.
         conv: the layer's functional form, or None for a weight normalized as a matrix.
         certified: divide by a certified upper bound.
         input_size: spatial input size, if already known.

@@ -12,7 +12,7 @@ import contextlib
 import math
 import numbers
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, TypeVar
 
@@ -39,11 +39,16 @@ from .operator import ConvSpec, OperatorNorm, is_conv
 from .parametrization import Mode, SpectralNorm, in_backward_pass, in_functorch_transform
 from .select import (
     LayerFilter,
+    LayerTarget,
     Pattern,
+    TensorRules,
+    TensorSpec,
     check_model,
-    linear_like_dim,
+    default_dim,
+    default_targets,
     resolve_selection,
     select_from,
+    tensor_targets,
 )
 
 __all__ = [
@@ -230,27 +235,18 @@ def original_tensor(parametrizations: parametrize.ParametrizationList) -> Tensor
     return parametrizations.original if original is None else original
 
 
-@dataclass(frozen=True)
-class LayerTarget:
-    """One weight to normalize: ``owner.<tensor_name>`` inside the layer at ``path``."""
+def layer_targets(
+    module: nn.Module, tensors: TensorRules | None = None, name: str = ""
+) -> list[LayerTarget]:
+    """The weights to normalize in ``module`` (named ``name``): by ``tensors``, or the defaults.
 
-    path: str
-    tensor_name: str
-    dim: int
-
-
-def layer_targets(module: nn.Module) -> list[LayerTarget]:
-    if isinstance(module, nn.MultiheadAttention):
-        names = (
-            ["in_proj_weight"]
-            if module._qkv_same_embed_dim
-            else ["q_proj_weight", "k_proj_weight", "v_proj_weight"]
-        )
-        return [LayerTarget("", name, 0) for name in names] + [LayerTarget("out_proj", "weight", 0)]
-    dim = linear_like_dim(module)
-    if dim is None:
-        dim = 1 if isinstance(module, nn.modules.conv._ConvTransposeNd) else 0
-    return [LayerTarget("", "weight", dim)]
+    Raises:
+        NoMatchingTensorsError: a name of its ``tensors`` entry matches none of its tensors.
+    """
+    names = tensors.rule_for(module) if tensors is not None else None
+    if names is None:
+        return default_targets(module)
+    return tensor_targets(name, module, names)
 
 
 @dataclass(frozen=True)
@@ -396,6 +392,7 @@ def apply_spectral_norm(
     method: Method = "matrix",
     certified: bool = False,
     example_inputs: Sequence[object] | None = None,
+    tensors: Mapping[type[nn.Module], TensorSpec] | None = None,
 ) -> T_module:
     """Put spectral normalization on the matching layers of ``model``, in place.
 
@@ -409,6 +406,13 @@ def apply_spectral_norm(
     with a :class:`~snpatch.SnpatchWarning` naming each other layer with a weight of 2 or
     more dimensions that stays unnormalized (``nn.Embedding`` aside); an exclude name
     pattern matching such a layer silences it.
+
+    ``tensors`` normalizes other tensors than these, as torch's
+    ``spectral_norm(module, name=..., dim=...)`` does: ``tensors={nn.LSTM: "weight_*",
+    nn.Embedding: "weight", MyLayer: snpatch.TensorNames("kernel", dim=1)}``. A layer follows
+    the entry of its own class or else of its nearest base class in it; every type in it is
+    eligible (in addition to ``layer_types``), selected by ``include``/``exclude`` as any
+    layer, and everything below holds for its tensors as for ``weight``.
 
     The original weight stays the same ``Parameter`` object (at
     ``layer.parametrizations.weight.original``), so an optimizer built before keeps
@@ -438,6 +442,13 @@ def apply_spectral_norm(
         example_inputs: positional arguments for one forward of ``model``, run before
             patching in eval mode under ``no_grad`` (training flags restored) to record
             each convolution's input size for ``method="operator"``.
+        tensors: per layer type, which of its tensors to normalize: a name, a glob
+            (``"weight_hh_l*"``), a ``re:`` regular expression, a list of them, or
+            :class:`snpatch.TensorNames` with a ``dim`` (default: 0, or 1 for
+            ``ConvTranspose*d``, as torch's). Names match the layer's own parameters and
+            buffers (and ``out_proj.weight`` of an attention); each must match one of
+            every selected layer of that type. A type that no layer of the model follows
+            gives a :class:`~snpatch.SnpatchWarning`.
 
     Returns:
         ``model`` itself, patched.
@@ -446,6 +457,8 @@ def apply_spectral_norm(
         TypeError: ``model`` is not a module, or an argument has the wrong type.
         ValueError: an argument value is out of range, or a layer's weight is not finite.
         NoMatchingLayersError: an include pattern matched nothing, or nothing is selected.
+        NoMatchingTensorsError: a name in ``tensors`` matches no tensor of a selected layer
+            of its type (the message lists the tensors it has, the closest first).
         AlreadyPatchedError: a selected layer already has spectral normalization.
         UnsupportedLayerError: a selected layer is lazy or has no usable weight.
         SharedWeightError: two selected layers share one weight tensor, or a selected
@@ -463,11 +476,12 @@ def apply_spectral_norm(
         20
     """
     config = SpectralNormConfig(lipschitz, mode, n_power_iterations, eps, method, certified)
-    layers = resolve_selection(model, include, exclude, layer_types)
+    rules = TensorRules.parse(tensors)
+    layers = resolve_selection(model, include, exclude, layer_types, rules)
     check_not_wrapped(layers)
     plans = []
     for name, layer in layers:
-        targets = layer_targets(layer)
+        targets = layer_targets(layer, rules, name)
         plans.append((layer, targets, [_check_target(name, layer, t) for t in targets]))
         if config.certified and config.method == "matrix" and is_conv(layer):
             raise InvalidArgumentError(
@@ -475,6 +489,14 @@ def apply_spectral_norm(
                 f"({type(layer).__name__}) would be normalized by its matrix norm; "
                 "pass method='operator'"
             )
+        if config.method == "operator" and is_conv(layer):
+            dim = default_dim(layer, "weight")
+            if any(t.key == "weight" and t.dim != dim for t in targets):
+                raise InvalidArgumentError(
+                    f"method='operator' normalizes layer {name!r} ({type(layer).__name__}) by "
+                    f"its convolution, whose outputs are on dim {dim} of 'weight'; leave "
+                    "TensorNames(dim=None) for it, or pass method='matrix'"
+                )
     _check_not_shared(
         model,
         [
@@ -734,7 +756,8 @@ def _build(
     layer: nn.Module,
     input_size: tuple[int, ...] | None,
 ) -> SpectralNorm:
-    operator = config.method == "operator" and is_conv(layer)
+    # The operator norm is that of the convolution: only its kernel (``tensors`` may name others).
+    operator = config.method == "operator" and is_conv(layer) and target.key == "weight"
     options = {
         "dim": target.dim,
         "lipschitz": config.lipschitz,
@@ -822,7 +845,8 @@ def patched_layers(model: nn.Module) -> dict[str, nn.Module]:
 def spectral_norms(layer: nn.Module) -> dict[str, SpectralNorm]:
     """The :class:`SpectralNorm` parametrizations of one patched layer, by tensor path.
 
-    Keys are ``"weight"``, or ``"in_proj_weight"`` and ``"out_proj.weight"`` for attention.
+    Keys are the tensor names: ``"weight"``, ``"in_proj_weight"`` and ``"out_proj.weight"``
+    for attention, or those ``tensors`` chose (``"weight_ih_l0"``, ...).
     Empty for a layer snpatch did not patch.
     """
     hook = _hook(layer)

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from .errors import InvalidArgumentError, InvalidArgumentTypeError, UnsupportedLayerError
 from .operator import ConvSpec, OperatorNorm, conv_bound, is_conv, matrix_bound, operator_norm
 from .parametrization import SpectralNorm, weight_to_matrix
-from .patch import _hook, layer_targets, patched_layers, record_input_sizes, spectral_norms
+from .patch import _hook, patched_layers, record_input_sizes, spectral_norms
 from .select import check_model, is_linear
 
 __all__ = [
@@ -266,9 +266,10 @@ def _row(name: str, layer: nn.Module, size: tuple[int, ...] | None) -> ReportRow
         bound = lipschitz_bound(layer, (layer.in_channels, *size))
     else:
         exact = 0.0
-        for target in layer_targets(layer):
-            owner = layer.get_submodule(target.path) if target.path else layer
-            exact = max(exact, matrix_sigma(getattr(owner, target.tensor_name), target.dim))
+        for key, norm, _ in _norms_with_weights(layer):  # the weights it normalizes
+            path, _, tensor_name = key.rpartition(".")
+            owner = layer.get_submodule(path) if path else layer
+            exact = max(exact, matrix_sigma(getattr(owner, tensor_name), norm.dim))
         if is_linear(layer) or is_conv(layer):
             bound = lipschitz_bound(layer)
     original_shape = tuple(_norms_with_weights(layer)[0][2].shape)

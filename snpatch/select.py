@@ -1,4 +1,4 @@
-"""Which layers: eligibility by type and selection by name.
+"""Which layers and which of their tensors: eligibility by type and selection by name.
 
 A pattern is a glob (``fnmatch.fnmatchcase``) on the dotted module name, or a regular
 expression when it starts with ``re:`` (it must match the whole name). A pattern selects a
@@ -6,6 +6,11 @@ layer when it matches the layer's own name or the name of any of its ancestors, 
 ``"layer1"`` selects every eligible layer inside ``layer1``. A list of patterns is their
 union; a callable ``(name, module) -> bool`` is asked about each eligible layer. Exclude
 always wins over include.
+
+Which tensors of a layer are normalized is ``weight`` by default (see :func:`default_targets`),
+or what ``tensors={LayerType: names}`` says for that type (:class:`TensorNames`): names or
+globs (or ``re:`` regular expressions) on the layer's own tensor names, each of which must
+match at least one tensor of every selected layer of that type.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
+from typing import Union
 
 from torch import Tensor, nn
 from torch.nn.parameter import UninitializedParameter
@@ -26,19 +32,27 @@ from .errors import (
     InvalidArgumentError,
     InvalidArgumentTypeError,
     NoMatchingLayersError,
+    NoMatchingTensorsError,
     SnpatchWarning,
+    UnsupportedLayerError,
 )
 
 __all__ = [
     "DEFAULT_LAYER_TYPES",
     "LINEAR_LIKE_LAYERS",
     "LayerFilter",
+    "LayerTarget",
     "Pattern",
+    "TensorNames",
+    "TensorRules",
+    "TensorSpec",
     "check_model",
+    "default_targets",
     "eligible_layers",
     "is_linear",
     "linear_like_dim",
     "select_layers",
+    "tensor_targets",
 ]
 
 #: A pattern, a list of patterns, or a predicate on ``(name, module)``.
@@ -170,6 +184,12 @@ class _NamePattern:
                 return True
         return False
 
+    def matches_whole(self, name: str) -> bool:
+        """Whether the pattern matches ``name`` itself (no ancestors: a tensor name)."""
+        if self.regex is not None:
+            return self.regex.fullmatch(name) is not None
+        return fnmatch.fnmatchcase(name, self.text)
+
     def describe(self) -> str:
         return repr(self.text)
 
@@ -233,6 +253,250 @@ class LayerFilter:
         return hits
 
 
+@dataclass(frozen=True)
+class LayerTarget:
+    """One weight to normalize: ``owner.<tensor_name>`` inside the layer at ``path``."""
+
+    path: str
+    tensor_name: str
+    dim: int
+
+    @property
+    def key(self) -> str:
+        """The tensor's name in the layer: ``"weight"``, ``"out_proj.weight"``."""
+        return f"{self.path}.{self.tensor_name}" if self.path else self.tensor_name
+
+
+@dataclass(frozen=True)
+class TensorNames:
+    """Which tensors of a layer type to normalize, and which of their dimensions are outputs.
+
+    A value of :func:`~snpatch.apply_spectral_norm`'s ``tensors={LayerType: ...}``, where
+    ``dim`` matters; a plain string or list of strings there means ``TensorNames(it)``.
+
+    Args:
+        names: a tensor name, or several (their union). Each is an exact name, a glob
+            (``fnmatch.fnmatchcase``: ``"weight_*_l*"``) or, after ``re:``, a regular
+            expression that must match the whole name. They name the layer's own
+            parameters and buffers (torch's ``spectral_norm(module, name)``), and for
+            ``nn.MultiheadAttention`` also ``out_proj.weight``. Each must match at least
+            one tensor of every selected layer of the type.
+        dim: the dimension of each tensor that holds the outputs (torch's ``dim``: the rows
+            of the matrix whose top singular value is taken). None: torch's default, 0 or
+            1 for ``ConvTranspose*d`` (and 1 for the ``weight`` of a
+            :data:`LINEAR_LIKE_LAYERS` layer).
+
+    Raises:
+        TypeError: ``names`` is not a string or a list of strings, or ``dim`` not an int.
+        ValueError: ``names`` is empty, or holds an empty name or invalid regular expression.
+
+    Example:
+        >>> import torch.nn as nn, snpatch
+        >>> snpatch.TensorNames(["weight_ih_l*", "weight_hh_l*"])
+        TensorNames(names=('weight_ih_l*', 'weight_hh_l*'), dim=None)
+    """
+
+    names: str | Sequence[str]
+    dim: int | None = None
+
+    def __post_init__(self) -> None:
+        names = (self.names,) if isinstance(self.names, str) else self.names
+        if not isinstance(names, (list, tuple)):
+            raise InvalidArgumentTypeError(
+                "tensors: names must be a string or a list of strings, got "
+                f"{type(self.names).__name__}: {self.names!r:.80}"
+            )
+        if not names:
+            raise InvalidArgumentError("tensors: a list of tensor names is empty")
+        for item in names:
+            if not isinstance(item, str):
+                raise InvalidArgumentTypeError(
+                    f"tensors: names must be strings, got {type(item).__name__}: {item!r:.80}"
+                )
+            _NamePattern.parse(item, "tensors")
+        object.__setattr__(self, "names", tuple(names))
+        if self.dim is not None and (isinstance(self.dim, bool) or not isinstance(self.dim, int)):
+            raise InvalidArgumentTypeError(
+                f"tensors: dim must be an int or None, got {type(self.dim).__name__}: "
+                f"{self.dim!r:.80}"
+            )
+
+    def patterns(self) -> tuple[_NamePattern, ...]:
+        return tuple(_NamePattern.parse(name, "tensors") for name in self.names)
+
+
+#: What ``tensors={LayerType: ...}`` maps a layer type to.
+TensorSpec = Union[str, Sequence[str], TensorNames]  # noqa: UP007 (a runtime alias)
+
+
+@dataclass(frozen=True)
+class TensorRules:
+    """A parsed, validated ``tensors`` argument: per layer type, which tensors to normalize.
+
+    A layer follows the entry of the first class in its MRO that has one (its own class
+    before a base class); the types of the entries are eligible layer types too.
+    """
+
+    rules: tuple[tuple[type[nn.Module], TensorNames], ...]
+
+    @classmethod
+    def parse(cls, value: object) -> TensorRules | None:
+        """Validate ``value``: None, or a mapping from ``nn.Module`` subclasses to names."""
+        if value is None:
+            return None
+        if not isinstance(value, Mapping):
+            raise InvalidArgumentTypeError(
+                "tensors must be a dict {layer type: tensor names}, e.g. "
+                "{nn.LSTM: ['weight_ih_l*', 'weight_hh_l*']}, got "
+                f"{type(value).__name__}: {value!r:.80}"
+            )
+        if not value:
+            raise InvalidArgumentError("tensors is an empty dict; pass None for the defaults")
+        rules = []
+        for layer_type, spec in value.items():
+            if not (isinstance(layer_type, type) and issubclass(layer_type, nn.Module)):
+                raise InvalidArgumentTypeError(
+                    f"tensors: keys must be nn.Module subclasses, got {layer_type!r:.80}"
+                )
+            if isinstance(spec, TensorNames):
+                names = spec
+            elif isinstance(spec, (str, list, tuple)):
+                names = TensorNames(spec)
+            else:
+                raise InvalidArgumentTypeError(
+                    f"tensors[{layer_type.__name__}] must be a tensor name, a list of them or "
+                    f"snpatch.TensorNames(names, dim=...), got {type(spec).__name__}: "
+                    f"{spec!r:.80}"
+                )
+            rules.append((layer_type, names))
+        return cls(tuple(rules))
+
+    def types(self) -> tuple[type[nn.Module], ...]:
+        return tuple(layer_type for layer_type, _ in self.rules)
+
+    def rule_for(self, module: nn.Module) -> TensorNames | None:
+        """The entry ``module`` follows (see the class), or None: its default tensors."""
+        by_type = dict(self.rules)
+        for cls in type(module).__mro__:
+            if cls in by_type:
+                return by_type[cls]
+        return None
+
+    def warn_unused(self, layers: Sequence[tuple[str, nn.Module]]) -> None:
+        """Warn naming each entry that none of ``layers`` (the eligible ones) follows."""
+        used = {id(self.rule_for(module)) for _, module in layers}
+        for layer_type, names in self.rules:
+            if id(names) not in used:
+                warnings.warn(
+                    f"tensors[{layer_type.__name__}] applies to no layer of the model",
+                    SnpatchWarning,
+                    stacklevel=4,
+                )
+
+
+def default_dim(module: nn.Module, tensor_name: str) -> int:
+    """torch's ``dim`` for ``module``'s tensor: 0, 1 for ``ConvTranspose*d`` and linear-likes."""
+    dim = linear_like_dim(module) if tensor_name == "weight" else None
+    if dim is None:
+        dim = 1 if isinstance(module, nn.modules.conv._ConvTransposeNd) else 0
+    return dim
+
+
+def default_targets(module: nn.Module) -> list[LayerTarget]:
+    """The weights snpatch normalizes in ``module`` when ``tensors`` says nothing about it.
+
+    ``weight``, and for ``nn.MultiheadAttention`` its in-projection(s) and ``out_proj.weight``.
+    """
+    if isinstance(module, nn.MultiheadAttention):
+        names = (
+            ["in_proj_weight"]
+            if module._qkv_same_embed_dim
+            else ["q_proj_weight", "k_proj_weight", "v_proj_weight"]
+        )
+        return [LayerTarget("", name, 0) for name in names] + [LayerTarget("out_proj", "weight", 0)]
+    return [LayerTarget("", "weight", default_dim(module, "weight"))]
+
+
+def layer_tensors(layer: nn.Module) -> dict[str, Tensor]:
+    """The tensors ``tensors`` names can match in ``layer``, by name, in the layer's order.
+
+    Its own parameters and buffers (a parametrized one under its plain name, with its
+    original), and for ``nn.MultiheadAttention`` those of ``out_proj`` (``out_proj.weight``),
+    which belongs to it (see :func:`eligible_layers`).
+    """
+    owners = [("", layer)]
+    if isinstance(layer, nn.MultiheadAttention):
+        owners.append(("out_proj.", layer.out_proj))
+    found: dict[str, Tensor] = {}
+    for prefix, owner in owners:
+        for table in (owner._parameters, owner._buffers):
+            for name, tensor in table.items():
+                if tensor is not None:
+                    found[prefix + name] = tensor
+        parametrizations = owner._modules.get("parametrizations")
+        if parametrize.is_parametrized(owner) and isinstance(parametrizations, nn.ModuleDict):
+            for name, stack in parametrizations.items():
+                original = getattr(stack, "original", None)
+                if isinstance(original, Tensor):
+                    found[prefix + name] = original
+    return found
+
+
+def tensor_targets(layer_name: str, layer: nn.Module, names: TensorNames) -> list[LayerTarget]:
+    """The tensors of ``layer`` that ``names`` selects (in the layer's order), with their dim.
+
+    Raises:
+        NoMatchingTensorsError: a name matches no tensor of the layer (the message lists the
+            tensors it has, the closest first).
+        UnsupportedLayerError: a name selects a tensor of fewer than 2 dimensions.
+        InvalidArgumentError: ``dim`` is out of range for a selected tensor.
+    """
+    available = layer_tensors(layer)
+    label = _layer_label(layer_name, layer)
+    chosen: dict[str, _NamePattern] = {}
+    for pattern in names.patterns():
+        hits = [name for name in available if pattern.matches_whole(name)]
+        if not hits:
+            close = _closest(pattern.text, list(available))
+            raise NoMatchingTensorsError(
+                f"tensors: {pattern.describe()} matches no tensor of {label}; it has "
+                + (", ".join(repr(n) for n in available) or "no tensors")
+                + (f" (closest: {', '.join(repr(n) for n in close)})" if close else "")
+            )
+        for hit in hits:
+            chosen.setdefault(hit, pattern)
+    targets = []
+    for key, tensor in available.items():
+        selector = chosen.get(key)
+        if selector is None:
+            continue
+        ndim = tensor.dim()
+        if ndim < 2:
+            hint = "" if selector.text == key else "; narrow the pattern to the weight matrices"
+            raise UnsupportedLayerError(
+                f"tensors: {selector.describe()} selects {label}'s {ndim}-D {key!r} of shape "
+                f"{tuple(tensor.shape)}; spectral normalization needs a tensor with at least "
+                f"2 dimensions{hint}"
+            )
+        path, _, tensor_name = key.rpartition(".")
+        dim = default_dim(layer, tensor_name) if names.dim is None else names.dim
+        if not -ndim <= dim < ndim:
+            raise InvalidArgumentError(
+                f"tensors: dim={dim} is out of range for {label}'s {key!r} of shape "
+                f"{tuple(tensor.shape)} (expected -{ndim} <= dim < {ndim})"
+            )
+        targets.append(LayerTarget(path, tensor_name, dim % ndim))
+    return targets
+
+
+def _layer_label(name: str, layer: nn.Module) -> str:
+    return (
+        f"layer {name!r} ({type(layer).__name__})"
+        if name
+        else f"the model ({type(layer).__name__})"
+    )
+
+
 def eligible_layers(
     model: nn.Module, layer_types: tuple[type[nn.Module], ...], *, linear_like: bool = False
 ) -> list[tuple[str, nn.Module]]:
@@ -277,14 +541,16 @@ def _walk(
         yield from _walk(child, child_path, layer_types, linear_like, seen)
 
 
-def _unsupported_weights(model: nn.Module) -> list[tuple[str, nn.Module]]:
+def _unsupported_weights(
+    model: nn.Module, layer_types: tuple[type[nn.Module], ...]
+) -> list[tuple[str, nn.Module]]:
     """Layers of no eligible type whose own ``weight`` has 2 or more dimensions.
 
     Lookups (``nn.Embedding``) are left out: what is left is what a user patching the
     whole model would expect normalized and isn't.
     """
     found = []
-    for name, module, is_eligible in _walk(model, "", DEFAULT_LAYER_TYPES, True, set()):
+    for name, module, is_eligible in _walk(model, "", layer_types, True, set()):
         weight = module._parameters.get("weight")
         if (
             is_eligible
@@ -395,6 +661,7 @@ def select_layers(
     exclude: Pattern | None = None,
     *,
     layer_types: Sequence[type[nn.Module]] | None = None,
+    tensors: Mapping[type[nn.Module], TensorSpec] | None = None,
 ) -> list[str]:
     """The names of the layers :func:`~snpatch.apply_spectral_norm` would patch (a dry run).
 
@@ -407,6 +674,9 @@ def select_layers(
         exclude: pattern(s) or a predicate removing layers from the selection.
         layer_types: eligible layer classes (default :data:`DEFAULT_LAYER_TYPES` and the
             layers of :data:`LINEAR_LIKE_LAYERS`).
+        tensors: which tensors to normalize per layer type (see
+            :func:`~snpatch.apply_spectral_norm`); its types are eligible too, and each
+            selected layer's names are checked as applying would.
 
     Returns:
         The dotted names, in the order ``model.named_modules()`` gives them.
@@ -415,6 +685,7 @@ def select_layers(
         TypeError: ``model`` is not a module, or a filter has the wrong type.
         ValueError: a pattern is empty or an invalid regular expression.
         NoMatchingLayersError: an include pattern matches nothing, or nothing is selected.
+        NoMatchingTensorsError: a name of ``tensors`` matches no tensor of a selected layer.
 
     Example:
         >>> import torch.nn as nn, snpatch
@@ -422,20 +693,35 @@ def select_layers(
         >>> snpatch.select_layers(net, include="0")
         ['0']
     """
-    return [name for name, _ in resolve_selection(model, include, exclude, layer_types)]
+    rules = TensorRules.parse(tensors)
+    layers = resolve_selection(model, include, exclude, layer_types, rules)
+    if rules is not None:
+        for name, layer in layers:
+            names = rules.rule_for(layer)
+            if names is not None:
+                tensor_targets(name, layer, names)
+    return [name for name, _ in layers]
 
 
 def resolve_selection(
-    model: object, include: object, exclude: object, layer_types: object
+    model: object,
+    include: object,
+    exclude: object,
+    layer_types: object,
+    tensors: TensorRules | None = None,
 ) -> list[tuple[str, nn.Module]]:
     module = check_model(model)
     types = check_layer_types(layer_types)
     include_filter = LayerFilter.parse(include, "include")
     exclude_filter = LayerFilter.parse(exclude, "exclude")
-    candidates = eligible_layers(module, types, linear_like=layer_types is None)
+    # The types ``tensors`` names are eligible whatever ``layer_types`` says.
+    extra = tuple(t for t in tensors.types() if t not in types) if tensors is not None else ()
+    candidates = eligible_layers(module, types + extra, linear_like=layer_types is None)
+    if tensors is not None:
+        tensors.warn_unused(candidates)
     # Patching "the whole model" must not leave a layer unnormalized without a word.
     whole_model = include is None and layer_types is None
-    unsupported = _unsupported_weights(module) if whole_model else []
+    unsupported = _unsupported_weights(module, types + extra) if whole_model else []
     selected = select_from(
         module, candidates, include_filter, exclude_filter, unsupported=unsupported
     )

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -210,3 +214,23 @@ def zoo_case(request: pytest.FixtureRequest) -> tuple[str, nn.Module, torch.Tens
     factory, shape = ZOO[request.param]
     torch.manual_seed(0)
     return request.param, factory(), torch.randn(shape)
+
+
+def run_torchrun(script: Path, *, timeout: float = 240) -> str:
+    """Run ``script`` as ``torchrun --standalone --nproc_per_node=2`` does; return its stdout."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    process = subprocess.Popen(
+        [*command, str(script)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # so a timeout can kill the workers too
+    )
+    try:
+        out, err = process.communicate(timeout=timeout)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    assert process.returncode == 0, err[-3000:]
+    return out

@@ -15,6 +15,7 @@ import snpatch
 from snpatch import (
     AlreadyPatchedError,
     NoMatchingLayersError,
+    NoMatchingTensorsError,
     SharedWeightError,
     SnpatchError,
     UnsupportedLayerError,
@@ -68,6 +69,35 @@ BAD_ARGUMENTS = [
     ({"layer_types": [int]}, TypeError, "layer_types.*int"),
     ({"layer_types": "Linear"}, TypeError, "layer_types.*'Linear'"),
     ({"layer_types": [nn.BatchNorm1d]}, NoMatchingLayersError, "no eligible layers"),
+    ({"tensors": "weight"}, TypeError, "tensors must be a dict.*str: 'weight'"),
+    ({"tensors": {}}, ValueError, "tensors is an empty dict"),
+    ({"tensors": {"Linear": "weight"}}, TypeError, "keys must be nn.Module subclasses.*'Linear'"),
+    ({"tensors": {nn.Linear: 3}}, TypeError, r"tensors\[Linear\] must be a tensor name.*int: 3"),
+    ({"tensors": {nn.Linear: []}}, ValueError, "a list of tensor names is empty"),
+    ({"tensors": {nn.Linear: [""]}}, ValueError, "tensors holds an empty pattern ''"),
+    ({"tensors": {nn.Linear: ["weight", 3]}}, TypeError, "names must be strings.*int: 3"),
+    ({"tensors": {nn.Linear: "re:("}}, ValueError, "tensors pattern 're:\\(' is not a valid"),
+    (
+        {"tensors": {nn.Linear: "kernel"}},
+        NoMatchingTensorsError,
+        r"'kernel' matches no tensor of layer '3' \(Linear\); it has 'weight', 'bias'",
+    ),
+    (
+        {"tensors": {nn.Conv2d: snpatch.TensorNames("weight", dim=4)}},
+        ValueError,
+        r"dim=4 is out of range for layer '0' \(Conv2d\)'s 'weight' of shape \(4, 3, 3, 3\)",
+    ),
+    ({"tensors": {nn.Linear: "bias"}}, UnsupportedLayerError, r"'bias' selects .* 1-D 'bias'"),
+    (
+        {"tensors": {nn.Conv2d: snpatch.TensorNames("weight", dim=1)}, "method": "operator"},
+        ValueError,
+        r"method='operator' normalizes layer '0' \(Conv2d\) by its convolution.*dim 0",
+    ),
+    (
+        {"tensors": {nn.Linear: "*"}},
+        UnsupportedLayerError,
+        "1-D 'bias' of shape \\(2,\\).*narrow the pattern to the weight matrices",
+    ),
 ]
 
 
@@ -87,6 +117,41 @@ def test_model_must_be_a_module(model: object) -> None:
         snpatch.apply_spectral_norm(model)  # type: ignore[type-var]
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
         snpatch.select_layers(model)  # type: ignore[arg-type]
+
+
+def test_an_unknown_tensor_name_changes_nothing_and_lists_the_layers_tensors() -> None:
+    model = nn.Sequential(nn.LSTM(3, 4), nn.GRU(4, 4, bidirectional=True), nn.Linear(8, 2))
+    before = _snapshot(model)
+    tensors = {nn.RNNBase: "weight_*", nn.GRU: ["weight_hh_l0", "weight_hh_reverse"]}
+    with pytest.raises(NoMatchingTensorsError) as info:
+        snpatch.apply_spectral_norm(model, tensors=tensors)
+    message = str(info.value)
+    assert message.startswith(
+        "tensors: 'weight_hh_reverse' matches no tensor of layer '1' (GRU); it has "
+        "'weight_ih_l0', 'weight_hh_l0', 'bias_ih_l0', 'bias_hh_l0', 'weight_ih_l0_reverse', "
+        "'weight_hh_l0_reverse', 'bias_ih_l0_reverse', 'bias_hh_l0_reverse' (closest: "
+        "'weight_hh_l0_reverse'"
+    ), message
+    assert isinstance(info.value, NoMatchingLayersError)
+    assert isinstance(info.value, ValueError)
+    _assert_unchanged(model, before)  # layer '0' was fine, yet nothing was patched
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"names": 3}, TypeError, "names must be a string or a list of strings, got int: 3"),
+        ({"names": ()}, ValueError, "a list of tensor names is empty"),
+        ({"names": "w", "dim": True}, TypeError, "dim must be an int or None, got bool: True"),
+        ({"names": "w", "dim": "0"}, TypeError, "dim must be an int or None, got str: '0'"),
+    ],
+)
+def test_tensor_names_are_validated_on_construction(
+    kwargs: dict[str, Any], error: type[Exception], match: str
+) -> None:
+    with pytest.raises(error, match=match) as info:
+        snpatch.TensorNames(**kwargs)
+    assert isinstance(info.value, SnpatchError)
 
 
 def test_patching_twice_names_the_layer() -> None:

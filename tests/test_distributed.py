@@ -6,6 +6,7 @@ the processes are killed in ``finally`` whatever happens.
 
 from __future__ import annotations
 
+import inspect
 import os
 import socket
 import subprocess
@@ -17,6 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 import snpatch
 from snpatch.parametrization import weight_to_matrix
@@ -88,11 +90,16 @@ def _message(encoded: torch.Tensor) -> str:
     return bytes(encoded.tolist()).decode()
 
 
+#: DistributedDataParallel(forward_sync_buffers=...) is in torch 2.13 and 2.14, not in 2.11.
+HAS_FORWARD_SYNC_BUFFERS = (
+    "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
+)
+
 SCENARIOS = [
     "default",
     "broadcast_buffers_false",
     "broadcast_buffers_false_seed_per_rank",
-    "forward_sync_buffers_false",
+    *(["forward_sync_buffers_false"] if HAS_FORWARD_SYNC_BUFFERS else []),
     "patch_after_wrap",
     "exported_midway",
     "compiled_aot_eager",
@@ -138,8 +145,15 @@ def _seeded_model() -> nn.Module:
         # The state is not broadcast, but ranks that patched identical weights run the
         # same deterministic iteration on identical (all-reduced) weights.
         "broadcast_buffers_false",
-        # torch 2.14's replacement: no broadcast per forward, but one at wrapping.
-        "forward_sync_buffers_false",
+        # The newer flag: no broadcast per forward, but one at wrapping.
+        pytest.param(
+            "forward_sync_buffers_false",
+            marks=pytest.mark.skipif(
+                not HAS_FORWARD_SYNC_BUFFERS,
+                reason=f"DistributedDataParallel has no forward_sync_buffers in torch "
+                f"{torch.__version__} (torch 2.13 added it)",
+            ),
+        ),
     ],
 )
 def test_ddp_state_is_identical_across_ranks_and_matches_one_process(

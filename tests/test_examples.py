@@ -15,7 +15,7 @@ import pytest
 import scipy.linalg
 import torch
 
-from tests.conftest import needs_torchvision
+from tests.conftest import needs_torchvision, run_torchrun
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -91,6 +91,14 @@ def test_patch_pretrained_quick_exports_and_writes_a_plain_checkpoint(tmp_path: 
     onnx_size = sum(f.stat().st_size for f in tmp_path.glob("resnet18.onnx*"))
     assert onnx_size > 40_000_000  # resnet18's 11.7M float32 weights
     assert (tmp_path / "resnet18-sn-plain.pth").exists()
+
+
+@pytest.mark.slow
+@needs_torchvision
+def test_ddp_example_leaves_every_rank_identical() -> None:
+    out = run_torchrun(EXAMPLES / "ddp.py", timeout=300)
+    assert re.findall(r"^step \d", out, re.MULTILINE) == ["step 0", "step 1", "step 2"]
+    assert "identical on all ranks: True" in out
 
 
 @pytest.mark.slow

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -282,3 +284,114 @@ def test_patching_the_whole_model_warns_naming_the_layers_with_a_weight_it_skips
     # No warning where the user chose: excluded by name, chosen by name, chosen by type.
     for chosen in ({"exclude": ["2", "inner"]}, {"include": "3"}, {"layer_types": [nn.Linear]}):
         snpatch.apply_spectral_norm(_with_custom(), **chosen)  # type: ignore[arg-type]
+
+
+# Tensor names: (tensors entry for a 2-layer bidirectional LSTM, expected (name, dim) pairs in
+# the layer's order, or the error)
+LSTM_WEIGHTS = [
+    f"weight_{kind}_l{layer}{suffix}"
+    for layer in (0, 1)
+    for suffix in ("", "_reverse")
+    for kind in ("ih", "hh")
+]
+TENSOR_TRUTH_TABLE: list[tuple[object, object]] = [
+    ("weight_ih_l0", [("weight_ih_l0", 0)]),
+    ("weight_ih_l*", [(n, 0) for n in LSTM_WEIGHTS if "_ih_" in n]),
+    (("weight_ih_l*", "weight_hh_l*"), [(n, 0) for n in LSTM_WEIGHTS]),
+    (["weight_hh_l1", "weight_ih_l0"], [("weight_ih_l0", 0), ("weight_hh_l1", 0)]),
+    (["weight_*", "weight_hh_l0"], [(n, 0) for n in LSTM_WEIGHTS]),  # a union, once each
+    ("weight_*_reverse", [(n, 0) for n in LSTM_WEIGHTS if n.endswith("_reverse")]),
+    ("weight_??_l1", [("weight_ih_l1", 0), ("weight_hh_l1", 0)]),
+    ("re:weight_hh_l\\d", [("weight_hh_l0", 0), ("weight_hh_l1", 0)]),
+    ("re:weight_hh", snpatch.NoMatchingTensorsError),  # a regex matches the whole name
+    (snpatch.TensorNames("weight_hh_l0", dim=1), [("weight_hh_l0", 1)]),
+    (snpatch.TensorNames("weight_hh_l0", dim=-1), [("weight_hh_l0", 1)]),
+    (snpatch.TensorNames("weight_hh_l0", dim=2), snpatch.InvalidArgumentError),
+    ("bias_ih_l0", snpatch.UnsupportedLayerError),  # 1-D
+    ("*", snpatch.UnsupportedLayerError),  # the biases too
+    ("weight_hr_l*", snpatch.NoMatchingTensorsError),  # no projection
+    ("Weight_ih_l0", snpatch.NoMatchingTensorsError),  # case-sensitive
+]
+
+
+@pytest.mark.parametrize(("names", "expected"), TENSOR_TRUTH_TABLE)
+def test_tensor_name_truth_table(names: object, expected: object) -> None:
+    model = nn.Sequential(nn.LSTM(3, 4, num_layers=2, bidirectional=True), nn.Linear(8, 2))
+    tensors = {nn.LSTM: names}
+    if isinstance(expected, type):
+        with pytest.raises(expected):
+            snpatch.select_layers(model, tensors=tensors)  # type: ignore[dict-item]
+        with pytest.raises(expected):
+            snpatch.apply_spectral_norm(model, tensors=tensors)  # type: ignore[dict-item]
+        assert not snpatch.is_patched(model)
+        return
+    assert snpatch.select_layers(model, tensors=tensors) == ["0", "1"]  # type: ignore[dict-item]
+    snpatch.apply_spectral_norm(model, tensors=tensors)  # type: ignore[dict-item]
+    norms = snpatch.spectral_norms(model[0])
+    assert [(key, norm.dim) for key, norm in norms.items()] == expected
+    assert list(snpatch.spectral_norms(model[1])) == ["weight"]  # the defaults elsewhere
+
+
+class Kernel(nn.Module):
+    """A custom layer whose matrix is called ``kernel``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kernel = nn.Parameter(torch.randn(4, 4))
+        self.scale = nn.Parameter(torch.randn(4, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.kernel * self.scale
+
+
+class WideKernel(Kernel):
+    pass
+
+
+def test_a_layer_follows_the_entry_of_its_nearest_class() -> None:
+    model = nn.Sequential(Kernel(), WideKernel(), nn.Linear(4, 4))
+    tensors = {Kernel: "kernel", WideKernel: ["kernel", "scale"], nn.Linear: "weight"}
+    snpatch.apply_spectral_norm(model, tensors=tensors)
+    assert {n: list(snpatch.spectral_norms(m)) for n, m in model.named_children()} == {
+        "0": ["kernel"],
+        "1": ["kernel", "scale"],
+        "2": ["weight"],
+    }
+
+
+def test_tensors_types_are_eligible_and_selected_by_include_and_exclude() -> None:
+    model = nn.Sequential(Kernel(), nn.GRU(4, 4), nn.Linear(4, 4), nn.Conv1d(4, 4, 1))
+    tensors = {Kernel: "kernel", nn.GRU: "weight_hh_l0"}
+    assert snpatch.select_layers(model, tensors=tensors) == ["0", "1", "2", "3"]
+    assert snpatch.select_layers(model, exclude="1", tensors=tensors) == ["0", "2", "3"]
+    assert snpatch.select_layers(model, include=["0", "1"], tensors=tensors) == ["0", "1"]
+    # In addition to layer_types, not instead.
+    assert snpatch.select_layers(model, layer_types=[nn.Linear], tensors=tensors) == ["0", "1", "2"]
+    # Selected by include/exclude only: an excluded layer's names are not checked.
+    assert snpatch.select_layers(model, exclude="1", tensors={nn.GRU: "nonsense"}) == ["2", "3"]
+
+
+def test_a_tensors_entry_that_no_layer_of_the_model_follows_warns() -> None:
+    model = nn.Sequential(Kernel(), nn.Linear(4, 4))
+    with pytest.warns(SnpatchWarning, match=r"tensors\[GRU\] applies to no layer of the model"):
+        snpatch.apply_spectral_norm(model, tensors={Kernel: "kernel", nn.GRU: "weight_hh_l0"})
+    assert list(snpatch.patched_layers(model)) == ["0", "1"]
+
+
+def test_a_layer_chosen_by_tensors_is_not_reported_as_skipped() -> None:
+    model = _with_custom()
+    with pytest.warns(SnpatchWarning, match=r"1 layer\(s\).*'2' \(Custom, weight 4x4\)") as record:
+        snpatch.apply_spectral_norm(model, exclude="inner", tensors={nn.Embedding: "weight"})
+    assert len(record) == 1
+    assert list(snpatch.patched_layers(model)) == ["0", "3"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        snpatch.apply_spectral_norm(_with_custom(), tensors={Custom: "weight"})
+
+
+def test_attention_entries_name_out_proj_weight_too() -> None:
+    model = nn.Sequential(nn.MultiheadAttention(4, 2))
+    with pytest.raises(snpatch.NoMatchingTensorsError, match=r"'out_proj\.weight'"):
+        snpatch.apply_spectral_norm(model, tensors={nn.MultiheadAttention: "weight"})
+    snpatch.apply_spectral_norm(model, tensors={nn.MultiheadAttention: "out_proj.weight"})
+    assert list(snpatch.spectral_norms(model[0])) == ["out_proj.weight"]
