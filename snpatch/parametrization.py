@@ -39,7 +39,7 @@ __all__ = [
 
 Mode = Literal["hard", "soft"]
 
-#: Vectors tracked per weight. Chosen by measurement, see the README's "Accuracy" section.
+#: Vectors tracked per weight. Chosen by measurement, see docs/measurements.md, "Accuracy".
 BLOCK_SIZE = 8
 
 # Below this size of the smaller matrix side, the initial subspace comes from an exact
@@ -487,16 +487,17 @@ class SpectralNorm(nn.Module):
     """Parametrization ``W -> W * c / sigma(W)`` (hard) or ``W * min(1, c / sigma(W))`` (soft).
 
     ``sigma(W)`` is the top singular value of ``weight_to_matrix(W, dim)``, estimated by a
-    block power iteration that :meth:`power_step` advances (snpatch calls it from a forward
-    pre-hook, in training mode only). Use :func:`snpatch.apply_spectral_norm` rather than
-    building this directly.
+    block power iteration that :meth:`advance` steps once per new value of the weight, in
+    training mode only. Use :func:`snpatch.apply_spectral_norm` rather than building this
+    directly.
 
-    The iteration keeps an orthonormal block ``B`` of ``k`` right singular vectors. One
-    step is a subspace iteration with a Rayleigh-Ritz step: ``W B = Q R_1`` (QR),
-    ``W^T Q = P R`` (QR), ``R = X S Y^T`` (SVD of a ``k x k`` matrix); then ``sigma = s_1``,
-    ``u = Q y_1``, ``v = P x_1`` (so ``u^T W v == sigma`` exactly) and the new block is ``P``.
-    Each step reads the weight twice, as torch's power iteration does, but a block of
-    vectors keeps tracking the top singular value where one vector falls behind.
+    The iteration keeps an orthonormal block ``B`` of ``k`` right singular vectors (the
+    columns of ``_block``). One step is a subspace iteration with a Rayleigh-Ritz step,
+    ``Y = W B``, ``Z = W^T Y``, solved on their ``k x k`` Grams without QR or SVD and batched
+    with the other weights patched together (:mod:`snpatch.engine`); ``u^T W v == sigma``
+    for the weight it ran on. Each step reads the weight twice, as torch's power iteration
+    does, but a block of vectors keeps tracking the top singular value where one vector
+    falls behind.
 
     In eval mode the normalized weight is cached (see :meth:`forward`).
 
