@@ -64,9 +64,11 @@ def _constants(dtype: torch.dtype) -> tuple[float, float]:
     return 100 * info.eps, info.tiny / info.eps
 
 
-def _with_shift(gram: Tensor, rel: float, tiny: float, extra: Tensor | None = None) -> Tensor:
-    """``gram + (rel * trace + tiny + extra) I`` (a new tensor; ``extra`` per batch entry)."""
-    shifted = gram.clone()
+def _with_shift(
+    gram: Tensor, rel: float, tiny: float, extra: Tensor | None = None, *, inplace: bool = False
+) -> Tensor:
+    """``gram + (rel * trace + tiny + extra) I`` (``extra`` per batch entry)."""
+    shifted = gram if inplace else gram.clone()
     diagonal = shifted.diagonal(dim1=-2, dim2=-1)
     shift = diagonal.sum(-1, keepdim=True).mul_(rel).add_(tiny)
     if extra is not None:
@@ -75,33 +77,25 @@ def _with_shift(gram: Tensor, rel: float, tiny: float, extra: Tensor | None = No
     return shifted
 
 
-def _quadratic(gram: Tensor, c: Tensor) -> Tensor:
-    """``c^T G c`` for batched ``G`` (L, k, k) and ``c`` (L, k)."""
-    value: Tensor = (c * torch.bmm(gram, c.unsqueeze(-1)).squeeze(-1)).sum(-1)
-    return value
-
-
 def _top_eigenvector(m: Tensor) -> Tensor:
-    """Unit top eigenvectors of symmetric positive semi-definite ``m`` (L, k, k).
+    """Top eigenvectors (L, k, 1), unnormalized, of symmetric positive semi-definite ``m``.
 
     Repeated squaring (``m^(2^SQUARINGS)``, rescaled every fourth squaring so that nothing
     over- or underflows: the top eigenvalue of a Frobenius-normalized matrix is at least
     ``1/sqrt(k)``), then its column with the largest diagonal entry, which is the top
-    eigenvector times its largest component. Matrix products only, no ``eigh``: nothing
-    here synchronizes with the host.
+    eigenvector times its largest component (entries at most 1). Matrix products only, no
+    ``eigh``: nothing here synchronizes with the host.
     """
     rel, tiny = _constants(m.dtype)
     power = m / (torch.linalg.matrix_norm(m, keepdim=True) + tiny)
-    # A zero matrix (a zero weight) still gets a unit vector.
+    # A zero matrix (a zero weight) still gets a non-zero vector.
     power.diagonal(dim1=-2, dim2=-1).add_(rel)
     for i in range(SQUARINGS):
         power = torch.bmm(power, power)
-        if i % 4 == 3 and i + 1 < SQUARINGS:  # (x is normalized at the end)
+        if i % 4 == 3 and i + 1 < SQUARINGS:  # (the result's scale does not matter)
             power = power / (torch.linalg.matrix_norm(power, keepdim=True) + tiny)
     column = power.diagonal(dim1=-2, dim2=-1).argmax(-1, keepdim=True)
-    x = torch.take_along_dim(power, column.unsqueeze(-2), dim=-1).squeeze(-1)
-    unit: Tensor = x / (torch.linalg.vector_norm(x, dim=-1, keepdim=True) + tiny)
-    return unit
+    return torch.take_along_dim(power, column.unsqueeze(-2), dim=-1)
 
 
 @dataclass(frozen=True)
@@ -137,16 +131,18 @@ def ritz(gram_y: Tensor, gram_z: Tensor) -> Ritz:
     chol_y = torch.linalg.cholesky_ex(_with_shift(gram_y, rel, tiny))[0]
     half = torch.linalg.solve_triangular(chol_y, gram_z, upper=False)
     whitened = torch.linalg.solve_triangular(chol_y, half.mT, upper=False)
-    x = _top_eigenvector(whitened)
-    c = torch.linalg.solve_triangular(chol_y.mT, x.unsqueeze(-1), upper=True).squeeze(-1)
-    norm_y = _quadratic(gram_y, c).clamp_min(0).sqrt().clamp_min(tiny)
-    norm_z = _quadratic(gram_z, c).clamp_min(0).sqrt()
-    sigma = norm_z / norm_y
-    cu = c / norm_y.unsqueeze(-1)
-    cv = c / norm_z.clamp_min(tiny).unsqueeze(-1)
+    c = torch.linalg.solve_triangular(chol_y.mT, _top_eigenvector(whitened), upper=True)
+    # |Y c| and |Z c| from the quadratic forms c^T G c, both Grams in one product.
+    both = torch.cat([c, c])
+    norms = (both * torch.bmm(torch.cat([gram_y, gram_z]), both)).sum(-2, keepdim=True)
+    norm_y, norm_z = norms.clamp_min(0).sqrt().chunk(2)
+    norm_y = norm_y.clamp_min(tiny)
+    sigma = (norm_z / norm_y).flatten()
+    cu = (c / norm_y).squeeze(-1)
+    cv = (c / norm_z.clamp_min(tiny)).squeeze(-1)
     # A zero weight (Z == 0) keeps its block as it is: tau = 1, and the Gram of Z + B is I.
     tau = (gram_z.diagonal(dim1=-2, dim2=-1).sum(-1) == 0).to(gram_z.dtype)
-    factor = torch.linalg.cholesky_ex(_with_shift(gram_z, rel, tiny, tau))[0]
+    factor = torch.linalg.cholesky_ex(_with_shift(gram_z, rel, tiny, tau, inplace=True))[0]
     return Ritz(cu, cv, sigma, tau, factor)
 
 

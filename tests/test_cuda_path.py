@@ -110,7 +110,6 @@ def _torch_spectral_norm(model: nn.Module) -> None:
 
 
 @needs_torchvision
-@pytest.mark.xfail(strict=True, reason="issue 14: 17.3 aten ops per weight against torch's 17.0")
 @needs_cuda_build
 def test_training_forward_costs_no_more_ops_per_weight_than_torch() -> None:
     build, shape = MODELS["resnet18"]
