@@ -7,8 +7,10 @@ the top singular value of the kernel reshaped to a matrix (what ``method="matrix
 torch's spectral norm divide by).
 
 :class:`ConvSpec` is the layer's functional form (``F.conv*d`` / ``F.conv_transpose*d`` with
-all its options, non-zero padding modes through ``F.pad``); the adjoint is never written by
-hand but taken with ``torch.func.vjp`` of that form.
+all its options, non-zero padding modes through ``F.pad``) and its adjoint
+(:meth:`ConvSpec.adjoint`: the transposed convolution, and the adjoint of ``F.pad``'s index
+map), written with plain tensor ops: no autograd engine, so that it runs wherever the layer
+does (fake CUDA tensors included) and under ``torch.no_grad``.
 
 :func:`conv_bound` is a *certified* upper bound of the operator norm (up to a relative
 safety margin of 1e-8 far above float64 rounding error):
@@ -180,10 +182,54 @@ class ConvSpec:
             self.groups,
         )
 
+    def adjoint(self, y: Tensor, weight: Tensor, size: Sequence[int]) -> Tensor:
+        """The adjoint of :meth:`apply` for inputs of spatial ``size``: ``y`` is an output batch.
+
+        A convolution's adjoint is the transposed convolution with the ``output_padding``
+        that gives back the padded input's size (the rows a stride skips get zeros), then
+        the adjoint of the padding (:func:`_pad_adjoint`); a transposed convolution's is
+        the convolution, cut to ``size`` (an ``output_padding`` of at least the stride,
+        allowed below the dilation, makes it longer).
+        """
+        if self.transposed:
+            conv = _CONV[self.ndim]
+            x = conv(y, weight, None, self.stride, self.padding, self.dilation, self.groups)
+            for axis, n in enumerate(size):
+                if x.shape[2 + axis] != n:
+                    x = x.narrow(2 + axis, 0, n)
+            return x
+        extent = _kernel_extent(weight, self)
+        pads = self._pad_pairs()
+        # Zeros padding: the transposed convolution cuts off what both sides have in common.
+        common = [min(p) if self.padding_mode == "zeros" else 0 for p in pads]
+        output_padding = [
+            (n + sum(p) - e) % s for n, p, e, s in zip(size, pads, extent, self.stride, strict=True)
+        ]
+        x = _CONV_TRANSPOSE[self.ndim](
+            y,
+            weight,
+            None,
+            self.stride,
+            tuple(common),
+            tuple(output_padding),
+            self.groups,
+            self.dilation,
+        )
+        rest = [(left - c, right - c) for (left, right), c in zip(pads, common, strict=True)]
+        return _pad_adjoint(x, rest, self.padding_mode)
+
+    def _pad_pairs(self) -> list[tuple[int, int]]:
+        """``(left, right)`` padding per spatial dimension (first dimension first)."""
+        pairs = [(self.pad[i], self.pad[i + 1]) for i in range(0, len(self.pad), 2)]
+        return pairs[::-1]
+
+    def out_channels(self, weight: Tensor) -> int:
+        """Channels of the layer's output."""
+        return int(weight.shape[1] * self.groups if self.transposed else weight.shape[0])
+
     def total_padding(self) -> tuple[int, ...]:
         """Left + right padding per spatial dimension (first dimension first)."""
-        pairs = [self.pad[i] + self.pad[i + 1] for i in range(0, len(self.pad), 2)]
-        return tuple(reversed(pairs))
+        return tuple(left + right for left, right in self._pad_pairs())
 
     def output_size(self, size: Sequence[int], weight: Tensor) -> tuple[int, ...]:
         """Spatial output size for input ``size`` (transposed: with ``output_padding``)."""
@@ -199,17 +245,39 @@ class ConvSpec:
         return tuple(out)
 
 
-def _vjp(
-    function: Callable[[Tensor], Tensor], x: Tensor
-) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
-    """``function(x)`` and its adjoint ``g -> J^T g``, reusable (``torch.func.vjp``)."""
-    out, pullback = torch.func.vjp(function, x)[:2]
+def _pad_source(mode: str, left: int, right: int, n: int, device: torch.device) -> Tensor:
+    """Where each of ``F.pad``'s ``left + n + right`` entries along one dimension reads from."""
+    index = torch.arange(-left, n + right, device=device)
+    if mode == "circular":
+        return index.remainder(n)
+    if mode == "replicate":
+        return index.clamp(0, n - 1)
+    # reflect, the edge not repeated: -1 -> 1, n -> n - 2.
+    return (n - 1) - ((n - 1) - index.abs()).abs()
 
-    def adjoint(grad: Tensor) -> Tensor:
-        result: Tensor = pullback(grad)[0]
-        return result
 
-    return out, adjoint
+def _pad_adjoint(grad: Tensor, pads: Sequence[tuple[int, int]], mode: str) -> Tensor:
+    """The adjoint of ``F.pad(x, ..., mode)`` with ``(left, right)`` per spatial dimension.
+
+    ``grad`` is padded-shaped, its spatial dimensions last. Zeros padding: cut the borders
+    off. Circular, reflect and replicate pad each dimension by an index map (which input
+    entry each padded one copies): its adjoint adds every copy back into its source
+    (``index_add``), one dimension at a time (the nD pad is the product of the 1-D ones).
+    """
+    first = grad.ndim - len(pads)
+    for axis, (left, right) in enumerate(pads):
+        if left == right == 0:
+            continue
+        dim = first + axis
+        n = grad.shape[dim] - left - right
+        if mode == "zeros":
+            grad = grad.narrow(dim, left, n)
+            continue
+        source = _pad_source(mode, left, right, n, grad.device)
+        shape = list(grad.shape)
+        shape[dim] = n
+        grad = grad.new_zeros(shape).index_add_(dim, source, grad)
+    return grad
 
 
 def _channel_blocks(weight: Tensor, groups: int) -> Tensor:
@@ -316,9 +384,9 @@ def _circulant_norm(
 
 def _pad_norm(spec: ConvSpec, size: Sequence[int], dtype: torch.dtype) -> float:
     """``||P||`` of the input padding: sqrt of the most copies of one input entry."""
-    ones = torch.ones(1, 1, *size, dtype=dtype)
-    padded, pullback = _vjp(lambda x: F.pad(x, spec.pad, mode=spec.padding_mode), ones)
-    counts = pullback(torch.ones_like(padded))
+    pads = spec._pad_pairs()
+    padded = [n + sum(p) for n, p in zip(size, pads, strict=True)]
+    counts = _pad_adjoint(torch.ones(1, 1, *padded, dtype=dtype), pads, spec.padding_mode)
     return math.sqrt(float(counts.max()))
 
 
@@ -395,9 +463,8 @@ def _pad_factor_1d(mode: str, left: int, right: int, extent: int, n: int) -> flo
         return 0.0
     if mode == "circular":
         return math.sqrt(-(-out // n))
-    ones = torch.ones(1, 1, n, dtype=torch.float64)
-    padded, pullback = _vjp(lambda x: F.pad(x, (left, right), mode=mode), ones)
-    return math.sqrt(float(pullback(torch.ones_like(padded)).max()))
+    ones = torch.ones(1, 1, n + left + right, dtype=torch.float64)
+    return math.sqrt(float(_pad_adjoint(ones, [(left, right)], mode).max()))
 
 
 def _all_sizes_pad_factor(spec: ConvSpec, weight: Tensor) -> float:
@@ -406,14 +473,11 @@ def _all_sizes_pad_factor(spec: ConvSpec, weight: Tensor) -> float:
         return 1.0
     extent = _kernel_extent(weight, spec)
     factor = 1.0
-    for i in range(spec.ndim):
-        j = 2 * (spec.ndim - 1 - i)
-        left, right = spec.pad[j], spec.pad[j + 1]
+    for (left, right), e in zip(spec._pad_pairs(), extent, strict=True):
         # Past this size the left and right pads are apart and the factor stays put.
-        limit = 2 * (left + right + extent[i]) + 2
+        limit = 2 * (left + right + e) + 2
         factor *= max(
-            _pad_factor_1d(spec.padding_mode, left, right, extent[i], n)
-            for n in range(1, limit + 1)
+            _pad_factor_1d(spec.padding_mode, left, right, e, n) for n in range(1, limit + 1)
         )
     return factor
 
@@ -487,10 +551,7 @@ def conv_bound_up_to(spec: ConvSpec, weight: Tensor, size: Sequence[int] | None)
     if spec.transposed or spec.padding_mode == "zeros":
         return conv_bound(spec, weight, size)
     extent = _kernel_extent(weight, spec)
-    pads = [
-        (spec.pad[2 * (spec.ndim - 1 - i)], spec.pad[2 * (spec.ndim - 1 - i) + 1])
-        for i in range(spec.ndim)
-    ]
+    pads = spec._pad_pairs()
     factors = [
         {m: f for m in range(1, n + 1) if (f := _pad_factor_1d(spec.padding_mode, *p, e, m)) > 0}
         for n, p, e in zip(size, pads, extent, strict=True)
@@ -519,7 +580,7 @@ def conv_bound_up_to(spec: ConvSpec, weight: Tensor, size: Sequence[int] | None)
 def _bound_cost(spec: ConvSpec, weight: Tensor, size: Sequence[int]) -> float:
     """Rough floating-point work of :func:`conv_bound` on ``size``."""
     n_in = spec.in_channels * math.prod(size)
-    out_channels = weight.shape[1] * spec.groups if spec.transposed else weight.shape[0]
+    out_channels = spec.out_channels(weight)
     n_out = out_channels * math.prod(spec.output_size(size, weight))
     if n_in <= _DENSE_LIMIT and n_in * n_out <= _DENSE_ENTRIES:
         return float(n_in * n_out * min(n_in, n_out) + min(n_in, n_out) ** 3 * 2)
@@ -567,7 +628,7 @@ def certified_divisor(
 def _dense_matrix(spec: ConvSpec, weight: Tensor, size: Sequence[int]) -> Tensor | None:
     """The layer's matrix (float64, ``outputs x inputs``) when it is small, else None."""
     n_in = spec.in_channels * math.prod(size)
-    out_channels = weight.shape[1] * spec.groups if spec.transposed else weight.shape[0]
+    out_channels = spec.out_channels(weight)
     n_out = out_channels * math.prod(spec.output_size(size, weight))
     if n_in > _DENSE_LIMIT or n_in * n_out > _DENSE_ENTRIES:
         return None
@@ -600,17 +661,15 @@ def operator_norm(
 def linear_maps(
     spec: ConvSpec, weight: Tensor, size: Sequence[int]
 ) -> tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor], int]:
-    """Flat ``A v``, ``A^T u`` (by ``torch.func.vjp``) and ``dim v`` of the layer on ``size``."""
+    """Flat ``A v``, ``A^T u`` (:meth:`ConvSpec.adjoint`) and ``dim v`` of the layer on ``size``."""
     shape = (1, spec.in_channels, *size)
+    out_shape = (1, spec.out_channels(weight), *spec.output_size(size, weight))
 
     def apply(v: Tensor) -> Tensor:
         return spec.apply(v.reshape(shape), weight).flatten()
 
-    out, pullback = _vjp(lambda x: spec.apply(x, weight), weight.new_zeros(shape))
-    out_shape = out.shape
-
     def adjoint(u: Tensor) -> Tensor:
-        return pullback(u.reshape(out_shape)).flatten()
+        return spec.adjoint(u.reshape(out_shape), weight, size).flatten()
 
     return apply, adjoint, math.prod(shape)
 
@@ -630,8 +689,8 @@ class OperatorNorm(SpectralNorm):
     (``conv`` set) and for every weight with ``certified=True``. For a convolution,
     ``sigma`` is the l2 operator norm of the convolution (bias aside) on the largest input
     size seen so far (``_input_size``), tracked by a block power iteration that runs
-    through the layer's functional form and its ``torch.func.vjp`` adjoint, on a block of
-    input-shaped vectors (``_op_block``). The forward divides by ``||A v||`` for the top
+    through the layer's functional form and its adjoint (:meth:`ConvSpec.adjoint`), on a
+    block of input-shaped vectors (``_op_block``). The forward divides by ``||A v||`` for the top
     right vector ``v`` (``_op_v``), differentiably, in training and eval alike. Until an
     input size is known the weight is normalized as by :class:`SpectralNorm` (the matrix
     norm, whose state ``_u``, ``_v`` this class keeps too), or, with ``certified``, by a
@@ -766,9 +825,7 @@ class OperatorNorm(SpectralNorm):
     def _resize(self, weight: Tensor, size: tuple[int, ...]) -> None:
         """New, random input-shaped state for ``size`` (estimated by :meth:`converge`)."""
         assert self.conv is not None
-        out_channels = (
-            weight.shape[1] * self.conv.groups if self.conv.transposed else weight.shape[0]
-        )
+        out_channels = self.conv.out_channels(weight)
         n_in = self.conv.in_channels * math.prod(size)
         n_out = out_channels * math.prod(self.conv.output_size(size, weight))
         k = max(1, min(self.operator_block_size, n_in, n_out))
@@ -842,8 +899,8 @@ class OperatorNorm(SpectralNorm):
         conv = self.conv
         with torch.autocast(weight.device.type, enabled=False):
             w = self._state(weight)
-            out, pullback = _vjp(lambda x: conv.apply(x, w), self._op_block)
-            back = pullback(out)
+            out = conv.apply(self._op_block, w)
+            back = conv.adjoint(out, w, self._op_block.shape[2:])
         return [BlockProducts(out.flatten(1).mT, back.flatten(1).mT, self._finish_operator)]
 
     def _finish_operator(self, y: Tensor, z: Tensor, row: RitzRow) -> list[tuple[Tensor, Tensor]]:

@@ -599,3 +599,91 @@ def test_bound_up_to_a_size_holds_at_every_smaller_size(
         assert snpatch.operator.conv_bound_up_to(spec, layer.weight, size) >= exact * (1 - 1e-9)
     finally:
         snpatch.operator._UP_TO_BUDGET = original
+
+
+@st.composite
+def adjoint_cases(draw: st.DrawFn) -> tuple[nn.Module, tuple[int, ...], int]:
+    """A float64 convolution of any kind and options, an input size it accepts, a seed.
+
+    Per-dimension kernels, strides, dilations and paddings (``"same"``'s padding is uneven
+    for an even extent), every padding mode, an ``output_padding`` up to the stride or the
+    dilation (whichever is larger), odd and even sizes.
+    """
+    kind = draw(st.sampled_from(sorted(KINDS)))
+    cls, ndim = KINDS[kind]
+    transposed = "Transpose" in kind
+    groups = draw(st.integers(1, 2))
+    channels_in = groups * draw(st.integers(1, 2))
+    channels_out = groups * draw(st.integers(1, 2))
+
+    def per_dim(values: st.SearchStrategy[int]) -> tuple[int, ...]:
+        return tuple(draw(st.lists(values, min_size=ndim, max_size=ndim)))
+
+    padding: tuple[int, ...] | str = "ints"
+    if not transposed:
+        padding = draw(st.sampled_from(["ints", "valid", "same"]))
+    kernel = per_dim(st.integers(1, 3 if ndim < 3 else 2))
+    stride = (1,) * ndim if padding == "same" else per_dim(st.integers(1, 3))
+    dilation = per_dim(st.integers(1, 2))
+    extent = [d * (k - 1) + 1 for k, d in zip(kernel, dilation, strict=True)]
+    kwargs: dict[str, object] = {
+        "stride": stride,
+        "dilation": dilation,
+        "groups": groups,
+        "bias": False,
+    }
+    if padding == "ints":
+        padding = per_dim(st.integers(0, 2))
+        pads = [(p, p) for p in padding]
+    else:
+        pads = [
+            ((e - 1) // 2, e - 1 - (e - 1) // 2) if padding == "same" else (0, 0) for e in extent
+        ]
+    kwargs["padding"] = padding
+    # The smallest size each dimension accepts.
+    low = [1] * ndim
+    if transposed:
+        output_padding = tuple(
+            draw(st.integers(0, max(s, d) - 1)) for s, d in zip(stride, dilation, strict=True)
+        )
+        kwargs["output_padding"] = output_padding
+        # Output (n - 1) s - 2 p + extent + output_padding >= 1.
+        low = [
+            max(1, 1 - (e + o - 2 * p[0] - 1) // s)
+            for e, o, p, s in zip(extent, output_padding, pads, stride, strict=True)
+        ]
+    else:
+        mode = draw(st.sampled_from(MODES))
+        kwargs["padding_mode"] = mode
+        low = [
+            max(1, e - sum(p), max(p) + 1 if mode == "reflect" else max(p))
+            for e, p in zip(extent, pads, strict=True)
+        ]
+    size = tuple(draw(st.integers(lo, lo + (4 if ndim < 3 else 2))) for lo in low)
+    layer = cls(channels_in, channels_out, kernel, **kwargs).double()
+    return layer, size, draw(st.integers(0, 2**32 - 1))
+
+
+@pytest.mark.filterwarnings("ignore:Using padding=.same. with even kernel lengths")
+@given(adjoint_cases())
+def test_the_explicit_adjoint_is_the_adjoint_of_the_layer(
+    case: tuple[nn.Module, tuple[int, ...], int],
+) -> None:
+    layer, size, seed = case
+    spec = snpatch.operator.ConvSpec.of(layer)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator))
+    weight = layer.weight.detach()
+    x = torch.randn(2, spec.in_channels, *size, generator=generator, dtype=torch.float64)
+    with torch.no_grad():
+        ax = layer(x)
+    y = torch.randn(ax.shape, generator=generator, dtype=torch.float64)
+    aty = spec.adjoint(y, weight, size)
+    assert aty.shape == x.shape
+    # <A x, y> == <x, A^T y>, relative to the Cauchy-Schwarz scale of the two sides.
+    gap = torch.vdot(ax.flatten(), y.flatten()) - torch.vdot(x.flatten(), aty.flatten())
+    assert float(gap.abs()) <= 1e-10 * float(ax.norm() * y.norm() + x.norm() * aty.norm())
+    # And it is autograd's pullback of torch's own layer.
+    _, pullback = torch.func.vjp(lambda v: layer(v), x)
+    torch.testing.assert_close(aty, pullback(y)[0], rtol=1e-10, atol=1e-12)
