@@ -179,6 +179,14 @@ class BlockProducts:
     finish: Callable[[Tensor, Tensor, RitzRow], list[tuple[Tensor, Tensor]]]
     scale_options: ScaleOptions | None = None
     commit: Callable[[], None] | None = None
+    #: ``(Y^T Y, Z^T Z)`` if the estimator computed them with its products.
+    grams: tuple[Tensor, Tensor] | None = None
+
+    def gram_y(self) -> Tensor:
+        return self.grams[0] if self.grams is not None else self.y.mT @ self.y
+
+    def gram_z(self) -> Tensor:
+        return self.grams[1] if self.grams is not None else self.z.mT @ self.z
 
 
 def scale_of(sigma: Tensor, lipschitz: float, soft: bool, eps: float) -> Tensor:
@@ -206,8 +214,8 @@ def block_step(products: Sequence[BlockProducts]) -> None:
         groups.setdefault(key, []).append(item)
     for (_, _, device, options), items in groups.items():
         with _full_precision(device):
-            gram_y = torch.stack([item.y.mT @ item.y for item in items])
-            gram_z = torch.stack([item.z.mT @ item.z for item in items])
+            gram_y = torch.stack([item.gram_y() for item in items])
+            gram_z = torch.stack([item.gram_z() for item in items])
             result = ritz(gram_y, gram_z)
             scales: Sequence[Tensor | None] = (
                 scale_of(result.sigma, *options).unbind() if options else [None] * len(items)

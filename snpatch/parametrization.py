@@ -731,9 +731,13 @@ class SpectralNorm(nn.Module):
             block = self._buffers["_block"]
             assert block is not None
             y = matrix @ block
-            z = matrix.mT @ y
+            y_t = y.mT
+            # W^T Y as (Y^T W)^T: CPU BLAS is several times faster this way round.
+            z_t = y_t @ matrix
+            z = z_t.mT
+            grams = (y_t @ y, z_t @ z)
         options = (self.lipschitz, self.mode == "soft", self.eps)
-        return [BlockProducts(y, z, self._finish, options, self._commit)]
+        return [BlockProducts(y, z, self._finish, options, self._commit, grams)]
 
     def _finish(self, y: Tensor, z: Tensor, row: RitzRow) -> list[tuple[Tensor, Tensor]]:
         # (The buffers are read from ``_buffers``: nn.Module.__getattr__ costs a small
