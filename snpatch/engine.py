@@ -40,7 +40,11 @@ __all__ = [
     "Cohort",
     "Ritz",
     "RitzRow",
+    "autocast_off",
     "block_step",
+    "installed",
+    "next_block",
+    "original_tensor",
     "ritz",
     "scale_of",
     "step_norms",
@@ -189,6 +193,13 @@ class BlockProducts:
         return self.grams[1] if self.grams is not None else self.z.mT @ self.z
 
 
+def next_block(z: Tensor, block: Tensor, row: RitzRow) -> Tensor:
+    """The next block (``n x k`` columns) from ``Z`` and the current one (see :func:`ritz`)."""
+    mixed = torch.addcmul(z, block, row.tau)
+    new: Tensor = torch.linalg.solve_triangular(row.factor_t, mixed, upper=True, left=False)
+    return new
+
+
 def scale_of(sigma: Tensor, lipschitz: float, soft: bool, eps: float) -> Tensor:
     """``c / sigma`` (hard) or ``min(1, c / sigma)`` (soft), elementwise; ``c`` at ``sigma == 0``.
 
@@ -213,7 +224,7 @@ def block_step(products: Sequence[BlockProducts]) -> None:
         key = (item.y.shape[1], item.y.dtype, item.y.device, item.scale_options)
         groups.setdefault(key, []).append(item)
     for (_, _, device, options), items in groups.items():
-        with _full_precision(device):
+        with autocast_off(device):
             gram_y = torch.stack([item.gram_y() for item in items])
             gram_z = torch.stack([item.gram_z() for item in items])
             result = ritz(gram_y, gram_z)
@@ -245,8 +256,8 @@ def block_step(products: Sequence[BlockProducts]) -> None:
                 item.commit()
 
 
-def _full_precision(device: torch.device) -> contextlib.AbstractContextManager[object]:
-    """Autocast off for the step's small linear algebra (entered only when it is on)."""
+def autocast_off(device: torch.device) -> contextlib.AbstractContextManager[object]:
+    """Autocast off for the sigma math on ``device`` (entered only when it is on: not free)."""
     if torch.is_autocast_enabled(device.type):
         return torch.autocast(device.type, enabled=False)
     return contextlib.nullcontext()
@@ -280,9 +291,10 @@ class Cohort:
                 alive.append(member)
                 stale.append((norm, weight, norm.value_key(weight)))
                 continue
-            original = _original_of(owner, tensor_name, norm)
-            if original is None:
+            found = installed(owner, tensor_name)
+            if found is None or found[0] is not norm:
                 continue  # removed
+            original = found[1]
             alive.append(member)
             if not norm.training or is_sharded(original):
                 continue
@@ -311,13 +323,25 @@ def step_norms(items: Iterable[tuple[SpectralNorm, Tensor]]) -> None:
             pending = [(n, w) for n, w in pending if n.n_power_iterations > rounds]
 
 
-def _original_of(owner: nn.Module, tensor_name: str, norm: SpectralNorm) -> Tensor | None:
-    """The original tensor behind ``norm`` on ``owner``, or None if it is no longer there."""
-    if not parametrize.is_parametrized(owner, tensor_name):
+def installed(owner: nn.Module, tensor_name: str) -> tuple[nn.Module, Tensor] | None:
+    """The first parametrization on ``owner``'s ``tensor_name`` and its original tensor.
+
+    Read through ``_modules`` and ``_parameters``: asked on every training forward, where
+    nn.Module.__getattr__ and the containers' ``__getitem__`` cost microseconds each.
+    """
+    found = owner._modules.get("parametrizations")
+    if not isinstance(found, nn.ModuleDict):
         return None
-    parametrizations = owner.parametrizations[tensor_name]  # type: ignore[index]
-    assert isinstance(parametrizations, parametrize.ParametrizationList)
-    if len(parametrizations) == 0 or parametrizations[0] is not norm:
+    parametrizations = found._modules.get(tensor_name)
+    if not isinstance(parametrizations, parametrize.ParametrizationList):
         return None
-    original: Tensor = parametrizations.original
-    return original
+    first = parametrizations._modules.get("0")
+    if first is None:
+        return None
+    return first, original_tensor(parametrizations)
+
+
+def original_tensor(parametrizations: parametrize.ParametrizationList) -> Tensor:
+    """``parametrizations.original``, without nn.Module.__getattr__ where it is a parameter."""
+    original = parametrizations._parameters.get("original")
+    return parametrizations.original if original is None else original

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .distributed import gathered, sharded_like
-from .engine import BlockProducts, RitzRow, block_step
+from .engine import BlockProducts, RitzRow, block_step, next_block
 from .parametrization import (
     _LANCZOS_MAX_STEPS,
     _LOW_PRECISION,
@@ -907,9 +907,7 @@ class OperatorNorm(SpectralNorm):
         block = self._op_block
         columns = block.flatten(1).mT
         v = torch.mv(z, row.cv)
-        new = torch.linalg.solve_triangular(
-            row.factor_t, torch.addcmul(z, columns, row.tau), upper=True, left=False
-        )
+        new = next_block(z, columns, row)
         return [
             (self._op_v, v.reshape(self._op_v.shape)),
             (block, new.mT.reshape(block.shape)),

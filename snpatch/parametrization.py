@@ -13,7 +13,6 @@ one vector per step falls behind).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import sys
 from collections.abc import Callable, Mapping
@@ -25,7 +24,16 @@ from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .distributed import gathered, sharded_like
-from .engine import BlockProducts, Cohort, RitzRow, block_step, step_norms
+from .engine import (
+    BlockProducts,
+    Cohort,
+    RitzRow,
+    autocast_off,
+    block_step,
+    next_block,
+    scale_of,
+    step_norms,
+)
 from .errors import SerializationError
 
 __all__ = [
@@ -122,14 +130,6 @@ def _matrix_to_weight(matrix: Tensor, shape: torch.Size, dim: int) -> Tensor:
     return matrix.reshape(moved).movedim(0, dim)
 
 
-def _full_precision(weight: Tensor) -> contextlib.AbstractContextManager[object]:
-    """Autocast off for the sigma math (entered only when autocast is on: it is not free)."""
-    device = weight.device.type
-    if torch.is_autocast_enabled(device):
-        return torch.autocast(device, enabled=False)
-    return contextlib.nullcontext()
-
-
 def _scale(sigma: Tensor, lipschitz: float, soft: bool, eps: float) -> Tensor:
     """``c / sigma`` (hard) or ``min(1, c / sigma)`` (soft); a zero ``sigma`` gives ``c``.
 
@@ -148,9 +148,7 @@ def _scale(sigma: Tensor, lipschitz: float, soft: bool, eps: float) -> Tensor:
         value = float(sigma)
         factor = lipschitz / max(value, eps) if value > 0 else lipschitz
         return torch.tensor(min(factor, 1.0) if soft else factor, dtype=sigma.dtype)
-    denominator = torch.where(sigma > 0, sigma.clamp_min(eps), torch.ones_like(sigma))
-    scale = lipschitz / denominator
-    return scale.clamp(max=1.0) if soft else scale
+    return scale_of(sigma, lipschitz, soft, eps)
 
 
 def _scaled(weight: Tensor, scale: Tensor) -> Tensor:
@@ -719,14 +717,14 @@ class SpectralNorm(nn.Module):
         """
         if self.n_power_iterations == 0:
             if first:
-                with _full_precision(weight):
+                with autocast_off(weight.device):
                     self._sigma.copy_(torch.vdot(self._u, self._matrix(weight) @ self._v))
                 self._fresh = None
             return []
         return self._matrix_products(weight)
 
     def _matrix_products(self, weight: Tensor) -> list[BlockProducts]:
-        with _full_precision(weight):
+        with autocast_off(weight.device):
             matrix = self._matrix(weight)
             block = self._buffers["_block"]
             assert block is not None
@@ -746,9 +744,7 @@ class SpectralNorm(nn.Module):
         block = state["_block"]
         u = torch.mv(y, row.cu)
         v = torch.mv(z, row.cv)
-        new_block = torch.linalg.solve_triangular(
-            row.factor_t, torch.addcmul(z, block, row.tau), upper=True, left=False
-        )
+        new_block = next_block(z, block, row)
         sigma = row.sigma
         if row.scale is not None and not torch.compiler.is_compiling():
             # What the training forwards of this value divide by: new tensors, which later
@@ -767,7 +763,7 @@ class SpectralNorm(nn.Module):
 
     def sigma(self, weight: Tensor) -> Tensor:
         """The estimate ``u^T W v`` that the eval forward divides by (no grad)."""
-        with torch.no_grad(), _full_precision(weight):
+        with torch.no_grad(), autocast_off(weight.device):
             return torch.vdot(self._u, self._matrix(weight) @ self._v)
 
     def forward(self, weight: Tensor) -> Tensor:

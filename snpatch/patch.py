@@ -24,7 +24,7 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.spectral_norm import SpectralNorm as _LegacySpectralNorm
 
 from .distributed import check_not_wrapped, gathered
-from .engine import Cohort
+from .engine import Cohort, installed, original_tensor
 from .errors import (
     AlreadyPatchedError,
     InvalidArgumentError,
@@ -212,27 +212,11 @@ class PowerIterationHook:
 
 
 def _normalized(owner: nn.Module, tensor_name: str) -> tuple[SpectralNorm, Tensor] | None:
-    """snpatch's norm on ``owner``'s ``tensor_name`` and the original tensor, if it is there.
-
-    Read through ``_modules`` and ``_parameters``: the hook asks on every training forward,
-    and nn.Module.__getattr__ and the containers' ``__getitem__`` cost microseconds each.
-    """
-    found = owner._modules.get("parametrizations")
-    if not isinstance(found, nn.ModuleDict):
+    """snpatch's norm on ``owner``'s ``tensor_name`` and the original tensor, if it is there."""
+    found = installed(owner, tensor_name)
+    if found is None or not isinstance(found[0], SpectralNorm):
         return None
-    parametrizations = found._modules.get(tensor_name)
-    if not isinstance(parametrizations, parametrize.ParametrizationList):
-        return None
-    norm = parametrizations._modules.get("0")
-    if not isinstance(norm, SpectralNorm):
-        return None
-    return norm, original_tensor(parametrizations)
-
-
-def original_tensor(parametrizations: parametrize.ParametrizationList) -> Tensor:
-    """``parametrizations.original``, without nn.Module.__getattr__ where it is a parameter."""
-    original = parametrizations._parameters.get("original")
-    return parametrizations.original if original is None else original
+    return found[0], found[1]
 
 
 def layer_targets(
