@@ -50,6 +50,16 @@ __all__ = [
     "step_norms",
 ]
 
+#: A step whose top Ritz vector ``x`` has a relative residual ``|A x - rho x| / (rho |x|)``
+#: (``A = W^T W``, ``rho`` its Rayleigh quotient) above this is redone on a Krylov space
+#: (see :func:`block_step`): after a fast move of the weight the block no longer holds its
+#: top direction, and the residual says so at no cost (it comes from the Grams).
+REFRESH_RESIDUAL = 0.02
+#: Krylov depth of that refresh: ``A^j v`` for ``j <= REFRESH_DEPTH`` join the block.
+REFRESH_DEPTH = 8
+#: Refreshes at most per step (each from the last one's result).
+REFRESH_ROUNDS = 3
+
 #: Squarings of the whitened ``k x k`` problem: ``M^(2^8)`` leaves a second eigenvalue
 #: 0.98 of the first (singular values 1% apart) at 0.6% of it, for a sigma error of ~1e-7.
 SQUARINGS = 8
@@ -185,6 +195,12 @@ class BlockProducts:
     commit: Callable[[], None] | None = None
     #: ``(Y^T Y, Z^T Z)`` if the estimator computed them with its products.
     grams: tuple[Tensor, Tensor] | None = None
+    #: The block ``B`` (``n x k`` columns) the products were computed from.
+    block: Tensor | None = None
+    #: ``x -> (A x, A^T A x)`` for one flat vector: what a refresh explores with.
+    explore: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None
+    #: The estimator's products for another block (``n x k`` columns) of the same weight.
+    restep: Callable[[Tensor], BlockProducts] | None = None
 
     def gram_y(self) -> Tensor:
         return self.grams[0] if self.grams is not None else self.y.mT @ self.y
@@ -211,11 +227,94 @@ def scale_of(sigma: Tensor, lipschitz: float, soft: bool, eps: float) -> Tensor:
     return scale.clamp(max=1.0) if soft else scale
 
 
+def residuals(result: Ritz) -> Tensor:
+    """Relative residuals of the top Ritz vectors ``x = B c`` of a batch, for ``A = W^T W``.
+
+    ``|A x - rho x| / (rho |x|)`` with ``rho = x^T A x / |x|^2``, for an orthonormal block
+    ``B``: ``(c^T G_z c)(c^T c) / (c^T G_y c)^2 - 1`` under the square root, which with
+    ``cu = c / |Y c|`` (``cu^T G_y cu = 1``, ``cu^T G_z cu = sigma^2``) is
+    ``sigma^2 |cu|^2 - 1``. Zero for a zero weight.
+    """
+    squared = (result.sigma * torch.linalg.vector_norm(result.cu, dim=-1)).square_().sub_(1)
+    return squared.clamp_min_(0).sqrt_()
+
+
+def refreshes(device: torch.device) -> bool:
+    """Whether steps on ``device`` are refreshed where their residual is large.
+
+    The decision to refresh reads the residuals on the host: free on the CPU, a
+    synchronization on an accelerator (where the step stays sync-free and unrefreshed), and
+    data-dependent control flow under ``torch.compile``.
+    """
+    return device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def krylov_block(item: BlockProducts, row: RitzRow, depth: int = REFRESH_DEPTH) -> Tensor:
+    """A block holding the top right singular vector of a Krylov space, for a refresh.
+
+    The space is the block plus ``v, A v, ..., A^depth v`` (``A = W^T W``, ``v`` the step's
+    right vector), each new vector orthogonalized against those before it (twice, as
+    classical Gram-Schmidt needs in floating point: a plain power basis is too
+    ill-conditioned for its Grams), and read with ``depth + 1`` matrix-vector pairs. Its
+    Rayleigh-Ritz step (:func:`ritz`, on the products already computed) gives the top
+    right vector ``v*``, which replaces the block's last column (the one furthest down the
+    spectrum: the block is orthonormalized in column order). The estimator's products on
+    that block (``item.restep``) are the refreshed step.
+    """
+    assert item.block is not None and item.explore is not None
+    tiny = torch.finfo(item.z.dtype).tiny
+    basis, ys, zs = [item.block], [item.y], [item.z]
+    x = torch.mv(item.z, row.cv)
+    for _ in range(depth + 1):
+        known = torch.cat(basis, 1)
+        for _ in range(2):
+            x = x - torch.mv(known, torch.mv(known.mT, x))
+        x = x / torch.linalg.vector_norm(x).clamp_min(tiny)
+        wx, ax = item.explore(x)
+        basis.append(x.unsqueeze(1))
+        ys.append(wx.unsqueeze(1))
+        zs.append(ax.unsqueeze(1))
+        x = ax
+    y, z = torch.cat(ys, 1), torch.cat(zs, 1)
+    best = ritz((y.mT @ y).unsqueeze(0), (z.mT @ z).unsqueeze(0))
+    top = torch.mv(z, best.cv[0])
+    return torch.cat([top.unsqueeze(1), item.block[:, :-1]], 1)
+
+
+def _rows(result: Ritz, options: ScaleOptions | None, count: int) -> list[RitzRow]:
+    scales: Sequence[Tensor | None] = (
+        scale_of(result.sigma, *options).unbind() if options else [None] * count
+    )
+    return [
+        RitzRow(*row)
+        for row in zip(
+            result.cu.unbind(),
+            result.cv.unbind(),
+            result.sigma.unbind(),
+            result.tau.unbind(),
+            result.factor.mT.unbind(),
+            scales,
+            strict=True,
+        )
+    ]
+
+
+def _ritz_of(items: Sequence[BlockProducts]) -> Ritz:
+    gram_y = torch.stack([item.gram_y() for item in items])
+    gram_z = torch.stack([item.gram_z() for item in items])
+    return ritz(gram_y, gram_z)
+
+
 def block_step(products: Sequence[BlockProducts]) -> None:
     """One step of every estimator in ``products``; the small linear algebra batched.
 
     Estimators are batched by block size, dtype, device and scale options. The buffer
     writes are one ``_foreach_copy_`` per batch.
+
+    Where :func:`refreshes` allows it (the CPU), an estimator whose top Ritz vector has a
+    relative residual above :data:`REFRESH_RESIDUAL` (:func:`residuals`: its weight moved
+    too fast for one block step to follow) is stepped again, in the same call, from a
+    :func:`krylov_block`; the weights that moved slowly cost nothing more.
     """
     groups: dict[
         tuple[int, torch.dtype, torch.device, ScaleOptions | None], list[BlockProducts]
@@ -225,24 +324,13 @@ def block_step(products: Sequence[BlockProducts]) -> None:
         groups.setdefault(key, []).append(item)
     for (_, _, device, options), items in groups.items():
         with autocast_off(device):
-            gram_y = torch.stack([item.gram_y() for item in items])
-            gram_z = torch.stack([item.gram_z() for item in items])
-            result = ritz(gram_y, gram_z)
-            scales: Sequence[Tensor | None] = (
-                scale_of(result.sigma, *options).unbind() if options else [None] * len(items)
-            )
-            rows = zip(
-                result.cu.unbind(),
-                result.cv.unbind(),
-                result.sigma.unbind(),
-                result.tau.unbind(),
-                result.factor.mT.unbind(),
-                scales,
-                strict=True,
-            )
+            result = _ritz_of(items)
+            rows = _rows(result, options, len(items))
+            if refreshes(device):
+                _refresh(items, rows, residuals(result), options)
             copies: list[tuple[Tensor, Tensor]] = []
             for item, row in zip(items, rows, strict=True):
-                copies.extend(item.finish(item.y, item.z, RitzRow(*row)))
+                copies.extend(item.finish(item.y, item.z, row))
             if torch.compiler.is_compiling():
                 # Inductor (torch 2.14) lets a later backward write into buffers updated by
                 # ``_foreach_copy_`` in the forward graph: one copy each there.
@@ -254,6 +342,37 @@ def block_step(products: Sequence[BlockProducts]) -> None:
         for item in items:
             if item.commit is not None:
                 item.commit()
+
+
+def _refresh(
+    items: list[BlockProducts],
+    rows: list[RitzRow],
+    residual: Tensor,
+    options: ScaleOptions | None,
+) -> None:
+    """Replace, in place, the items (and rows) whose residual is too large by refreshed ones.
+
+    A refreshed step whose residual is still too large (the top of its Krylov space did
+    not converge: a flat top of the spectrum) is refreshed again from its own result, up
+    to :data:`REFRESH_ROUNDS` times.
+    """
+    values = dict(enumerate(residual.tolist()))
+    for _ in range(REFRESH_ROUNDS):
+        flagged = [
+            i for i, value in values.items() if value > REFRESH_RESIDUAL and items[i].restep
+        ]
+        if not flagged:
+            return
+        redone = []
+        for i in flagged:
+            restep = items[i].restep
+            assert restep is not None
+            redone.append(restep(krylov_block(items[i], rows[i])))
+        result = _ritz_of(redone)
+        new_rows = _rows(result, options, len(redone))
+        for i, item, row in zip(flagged, redone, new_rows, strict=True):
+            items[i], rows[i] = item, row
+        values = dict(zip(flagged, residuals(result).tolist(), strict=True))
 
 
 def autocast_off(device: torch.device) -> contextlib.AbstractContextManager[object]:

@@ -895,13 +895,33 @@ class OperatorNorm(SpectralNorm):
 
     def _operator_products(self, weight: Tensor) -> list[BlockProducts]:
         """``Y = A X`` and ``Z = A^T Y`` for the block ``X`` of input-shaped vectors."""
-        assert self.conv is not None
-        conv = self.conv
         with torch.autocast(weight.device.type, enabled=False):
             w = self._state(weight)
-            out = conv.apply(self._op_block, w)
-            back = conv.adjoint(out, w, self._op_block.shape[2:])
-        return [BlockProducts(out.flatten(1).mT, back.flatten(1).mT, self._finish_operator)]
+        return [self._block_products(w, self._op_block)]
+
+    def _block_products(self, w: Tensor, block: Tensor) -> BlockProducts:
+        assert self.conv is not None
+        conv = self.conv
+        size = block.shape[2:]
+        with torch.autocast(w.device.type, enabled=False):
+            out = conv.apply(block, w)
+            back = conv.adjoint(out, w, size)
+
+        def explore(x: Tensor) -> tuple[Tensor, Tensor]:
+            ax = conv.apply(x.reshape(1, *block.shape[1:]), w)
+            return ax.flatten(), conv.adjoint(ax, w, size).flatten()
+
+        def restep(columns: Tensor) -> BlockProducts:
+            return self._block_products(w, columns.mT.reshape(block.shape))
+
+        return BlockProducts(
+            out.flatten(1).mT,
+            back.flatten(1).mT,
+            self._finish_operator,
+            block=block.flatten(1).mT,
+            explore=explore,
+            restep=restep,
+        )
 
     def _finish_operator(self, y: Tensor, z: Tensor, row: RitzRow) -> list[tuple[Tensor, Tensor]]:
         block = self._op_block

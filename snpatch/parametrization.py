@@ -158,6 +158,12 @@ def _scaled(weight: Tensor, scale: Tensor) -> Tensor:
     return weight * (scale if scale.dtype == weight.dtype else scale.to(weight.dtype))
 
 
+def _explore(matrix: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+    """``(W x, W^T W x)`` for a flat vector ``x`` (``W^T`` applied from the left of a row)."""
+    wx = torch.mv(matrix, x)
+    return wx, wx @ matrix
+
+
 def _reference_counts(grad: Tensor) -> tuple[int, ...]:
     """Who holds ``grad``: its tensor's, its storage's and its Python object's reference counts.
 
@@ -726,8 +732,13 @@ class SpectralNorm(nn.Module):
     def _matrix_products(self, weight: Tensor) -> list[BlockProducts]:
         with autocast_off(weight.device):
             matrix = self._matrix(weight)
-            block = self._buffers["_block"]
-            assert block is not None
+        block = self._buffers["_block"]
+        assert block is not None
+        return [self._products(matrix, block)]
+
+    def _products(self, matrix: Tensor, block: Tensor) -> BlockProducts:
+        """``Y = W B``, ``Z = W^T Y`` and their Grams, for the matrix ``W`` and block ``B``."""
+        with autocast_off(matrix.device):
             y = matrix @ block
             y_t = y.mT
             # W^T Y as (Y^T W)^T: CPU BLAS is several times faster this way round.
@@ -735,7 +746,17 @@ class SpectralNorm(nn.Module):
             z = z_t.mT
             grams = (y_t @ y, z_t @ z)
         options = (self.lipschitz, self.mode == "soft", self.eps)
-        return [BlockProducts(y, z, self._finish, options, self._commit, grams)]
+        return BlockProducts(
+            y,
+            z,
+            self._finish,
+            options,
+            self._commit,
+            grams,
+            block,
+            explore=lambda x: _explore(matrix, x),
+            restep=lambda other: self._products(matrix, other),
+        )
 
     def _finish(self, y: Tensor, z: Tensor, row: RitzRow) -> list[tuple[Tensor, Tensor]]:
         # (The buffers are read from ``_buffers``: nn.Module.__getattr__ costs a small

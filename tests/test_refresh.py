@@ -1,0 +1,124 @@
+"""A weight that moves too fast for one block step is held at the same step (issue 14, item 1).
+
+After an update that carries the top singular direction out of the tracked block (a new
+matrix, a rank-one spike such as a small-initialized head grows under Adam), one block
+step from the old block underestimates sigma by up to tens of percent. The step's own
+residual says so, and the engine redoes it on a Krylov space before the forward divides.
+On the CPU only: there the decision is free, on an accelerator it would be a host sync.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+import snpatch
+import snpatch.engine
+from tests.conftest import exact_sigma
+from tests.test_operator import FEWER, conv_layers, dense_norm
+
+HELD = 5e-3  # the issue's acceptance: |sigma / c - 1| <= 0.5% at every step
+
+targets = st.floats(min_value=0.1, max_value=10.0)
+# How the weight jumps: a new random matrix (scaled) or a rank-one spike over the old one.
+jumps = st.one_of(
+    st.tuples(st.just("new"), st.floats(0.1, 10.0)),
+    st.tuples(st.just("spike"), st.floats(1.5, 20.0)),
+)
+
+
+def _jump(weight: torch.Tensor, kind: str, size: float, generator: torch.Generator) -> None:
+    """Move ``weight`` in place (a new version, as an optimizer step would)."""
+    with torch.no_grad():
+        matrix = weight.flatten(1)
+        if kind == "new":
+            rms = weight.norm() / weight.numel() ** 0.5
+            weight.copy_(torch.randn(weight.shape, generator=generator) * size * rms)
+        else:  # a rank-one direction ``size`` times the current top singular value
+            top = float(torch.linalg.matrix_norm(matrix.double(), ord=2))
+            a = torch.randn(matrix.shape[0], generator=generator)
+            b = torch.randn(matrix.shape[1], generator=generator)
+            spike = torch.outer(a / a.norm(), b / b.norm()) * (size * top)
+            weight.add_(spike.reshape(weight.shape))
+
+
+@st.composite
+def matrix_layers(draw: st.DrawFn) -> nn.Module:
+    torch.manual_seed(draw(st.integers(0, 2**31 - 1)))  # the layer's initial weight
+    if draw(st.booleans()):
+        return nn.Linear(draw(st.integers(16, 96)), draw(st.integers(16, 96)))
+    return nn.Conv2d(
+        draw(st.integers(1, 12)),
+        draw(st.integers(8, 48)),
+        draw(st.integers(1, 3)),
+        stride=draw(st.integers(1, 2)),
+        dilation=draw(st.integers(1, 2)),
+    )
+
+
+@given(matrix_layers(), jumps, targets, st.integers(0, 2**31 - 1))
+def test_a_weight_that_jumps_is_held_at_the_target_at_the_same_step(
+    layer: nn.Module, jump: tuple[str, float], target: float, seed: int
+) -> None:
+    snpatch.apply_spectral_norm(layer, lipschitz=target)
+    generator = torch.Generator().manual_seed(seed)
+    _jump(layer.parametrizations.weight.original, *jump, generator)
+    layer.train()
+    _ = layer.weight  # the first training read of the new value steps it
+    assert exact_sigma(layer)["weight"] == pytest.approx(target, rel=HELD)
+
+
+@FEWER
+@given(conv_layers(max_inputs=100), jumps, targets, st.integers(0, 2**31 - 1))
+def test_an_operator_that_jumps_is_held_at_the_target_at_the_same_step(
+    case: tuple[nn.Module, tuple[int, ...]], jump: tuple[str, float], target: float, seed: int
+) -> None:
+    layer, size = case
+    torch.manual_seed(seed)  # (the strategy's draw of the weight is not replayed)
+    layer.reset_parameters()  # type: ignore[operator]
+    snpatch.apply_spectral_norm(layer, lipschitz=target, method="operator")
+    x = torch.randn(2, layer.in_channels, *size)  # type: ignore[arg-type]
+    layer(x)  # records the input size
+    generator = torch.Generator().manual_seed(seed)
+    _jump(layer.parametrizations.weight.original, *jump, generator)
+    layer(x)
+    assert math.isclose(dense_norm(layer, size), target, rel_tol=HELD)
+
+
+class _Refreshes:
+    """Counts the weights the engine refreshes (calls of ``krylov_block``)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.count = 0
+        original = snpatch.engine.krylov_block
+
+        def counting(*args: object, **kwargs: object) -> torch.Tensor:
+            self.count += 1
+            return original(*args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(snpatch.engine, "krylov_block", counting)
+
+
+def test_only_the_weight_that_jumped_is_refreshed(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU())
+    model.append(nn.Linear(64, 10))
+    snpatch.apply_spectral_norm(model)
+    refreshes = _Refreshes(monkeypatch)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    x = torch.randn(16, 32)
+    for _ in range(5):  # slow training: one block step each is enough
+        loss = model(x).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert refreshes.count == 0
+    _jump(model[2].parametrizations.weight.original, "spike", 5.0, torch.Generator())
+    model(x)
+    assert refreshes.count == 1
+    assert exact_sigma(model[2])["weight"] == pytest.approx(1.0, rel=HELD)
