@@ -12,9 +12,18 @@ from collections.abc import Callable
 import pytest
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 import snpatch
-from snpatch.audit import SYNCHRONIZING_OPS, audit_backward, ops_per_weight, synchronizing_ops
+from snpatch.audit import (
+    SYNCHRONIZING_OPS,
+    _Recorder,
+    audit_backward,
+    audit_forward,
+    ops_per_weight,
+    synchronizing_ops,
+)
+from snpatch.operator import ConvSpec, _certified_divisor
 from tests.conftest import needs_torchvision, torchvision
 
 # Fake CUDA tensors need a torch built with CUDA (no GPU needed); the CPU-only wheels
@@ -107,6 +116,58 @@ def test_operator_mode_eval_forward_never_synchronizes(name: str) -> None:
 def test_operator_mode_training_forward_never_synchronizes(name: str) -> None:
     build, shape = MODELS[name]
     assert synchronizing_ops(build, _operator, shape, training=True) == set()
+
+
+def _certified(model: nn.Module) -> object:
+    return snpatch.apply_spectral_norm(
+        model, method="operator", certified=True, example_inputs=(torch.randn(1, 3, 8, 8),)
+    )
+
+
+# Certified mode recomputes its divisor for every new weight value, i.e. in every training
+# step and in the eval forward after one: on the device, with no value read on the host.
+@pytest.mark.parametrize("training", [True, False])
+# padded: every smaller input size is bounded, ~120k ops per forward to audit (slow).
+@pytest.mark.parametrize("name", ["mlp", "conv", pytest.param("padded", marks=pytest.mark.slow)])
+@needs_cuda_build
+def test_certified_forward_never_synchronizes(name: str, training: bool) -> None:
+    build, shape = MODELS[name]
+    patch = (
+        (lambda m: snpatch.apply_spectral_norm(m, certified=True)) if name == "mlp" else _certified
+    )
+    found = audit_forward(build, patch, shape, training=training)
+    assert found["linalg_cholesky_ex"] > 0  # the divisor was computed in this forward
+    assert set(found) & SYNCHRONIZING_OPS == set()
+
+
+# Each way the divisor is bounded: dense matrix (8x8), circular grid (32x32), every input
+# size (None), every smaller size of a reflect conv, and its valid-conv fallback (64x64).
+@pytest.mark.parametrize(
+    ("layer", "size"),
+    [
+        (nn.Conv2d(3, 4, 3, padding=1), (8, 8)),
+        (nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2), (32, 32)),
+        (nn.Conv2d(4, 4, 3, dilation=2, padding=2), None),
+        (nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect"), (6, 6)),
+        (nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect"), (64, 64)),
+        (nn.ConvTranspose2d(4, 4, 3, stride=2), (16, 16)),
+    ],
+)
+@needs_cuda_build
+def test_certified_divisor_never_synchronizes(
+    layer: nn.Module, size: tuple[int, ...] | None
+) -> None:
+    spec = ConvSpec.of(layer)
+    mode = FakeTensorMode()
+    recorder = _Recorder()
+    fake = mode.from_tensor(layer.weight.detach())
+    with mode:
+        weight = fake.cuda()
+        with recorder:
+            divisor = _certified_divisor(spec, weight, 0, size)
+    assert divisor.device.type == "cuda"
+    assert recorder.ops["linalg_cholesky_ex"] > 0
+    assert set(recorder.ops) & SYNCHRONIZING_OPS == set()
 
 
 def _torch_spectral_norm(model: nn.Module) -> None:
