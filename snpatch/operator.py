@@ -680,6 +680,10 @@ OPERATOR_BLOCK_SIZE = 4
 _LANCZOS_ENTRIES = 1 << 25
 
 
+#: OperatorNorm's saved state beyond torch's ``_u``, ``_v`` (a convolution's only).
+_OPERATOR_STATE = ("_input_size", "_op_v")
+
+
 class OperatorNorm(SpectralNorm):
     """Parametrization dividing a weight by a layer's operator norm or a certified bound.
 
@@ -708,8 +712,9 @@ class OperatorNorm(SpectralNorm):
     same divisor, and eval outputs are those of the saved model.
 
     Buffers: ``_u``, ``_v`` (matrix state, saved), ``_input_size`` (long, zeros while
-    unknown, saved), ``_op_v`` (``(1, C, *size)``, saved); not saved: ``_block``,
-    ``_sigma``, ``_op_block``, ``_op_sigma`` (re-fitted after loading).
+    unknown), ``_op_v`` (``(1, C, *size)``), both saved for a convolution only (a weight
+    normalized as a matrix keeps torch's keys); not saved: ``_block``, ``_sigma``,
+    ``_op_block``, ``_op_sigma`` (re-fitted after loading).
 
     Args:
         weight: the weight to normalize, as for :class:`SpectralNorm`.
@@ -765,10 +770,15 @@ class OperatorNorm(SpectralNorm):
         ndim = conv.ndim if conv is not None else 0
         dtype = self._u.dtype
         device = self._u.device
-        self.register_buffer("_input_size", torch.zeros(ndim, dtype=torch.long, device=device))
+        # Saved for a convolution's operator norm only: a weight normalized as a matrix
+        # (certified Linear) keeps torch's state_dict keys, ``_u`` and ``_v``.
+        saved = conv is not None
+        self.register_buffer(
+            "_input_size", torch.zeros(ndim, dtype=torch.long, device=device), persistent=saved
+        )
         channels = conv.in_channels if conv is not None else 0
         empty = torch.zeros(1, channels, *([0] * ndim), dtype=dtype, device=device)
-        self.register_buffer("_op_v", empty)
+        self.register_buffer("_op_v", empty, persistent=saved)
         self.register_buffer("_op_block", empty.clone(), persistent=False)
         self.register_buffer("_op_sigma", self._u.new_zeros(()), persistent=False)
         # (_bound_key of a weight, its certified divisor): derived from the weight alone,
@@ -798,6 +808,9 @@ class OperatorNorm(SpectralNorm):
         norm.conv = None if conv is None else ConvSpec(*conv)
         norm.certified = bool(config["certified"])
         norm.operator_block_size = int(config["operator_block_size"])
+        if norm.conv is None:  # not saved (see __init__)
+            for name in _OPERATOR_STATE:
+                norm.register_buffer(name, buffers[name], persistent=False)
         norm._buffers.pop("_bound", None)  # a buffer in snapshots of earlier versions
         norm._divisor_cache = None  # recomputed (the same value) at the next forward
         return norm
@@ -1020,8 +1033,12 @@ class OperatorNorm(SpectralNorm):
         unexpected_keys: list[str],
         error_msgs: list[str],
     ) -> None:
+        if self.conv is None:
+            # Earlier versions saved empty placeholders for a weight normalized as a matrix.
+            for name in _OPERATOR_STATE:
+                state_dict.pop(prefix + name, None)
         # The saved input size may differ from this one's: take the saved shapes.
-        for name in ("_input_size", "_op_v"):
+        for name in _OPERATOR_STATE:
             incoming = state_dict.get(prefix + name)
             current = self._buffers[name]
             if (

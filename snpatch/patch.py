@@ -665,6 +665,7 @@ class CheckpointAdapter:
             return
         self.prefix = prefix
         for key, norm, _ in hook.norms(layer):
+            saved = norm.state_dict(keep_vars=True).keys()  # its persistent buffers
             path, _, tensor_name = key.rpartition(".")
             base = f"{prefix}{path}." if path else prefix
             patched = f"{base}parametrizations.{tensor_name}."
@@ -672,9 +673,7 @@ class CheckpointAdapter:
                 # A checkpoint of the other method (matrix <-> operator) lacks the derived
                 # state of this one: placeholders now, re-estimated after loading.
                 missing = [
-                    name
-                    for name in norm.persistent_buffers - {"_u", "_v"}
-                    if f"{patched}0.{name}" not in state_dict
+                    name for name in saved - {"_u", "_v"} if f"{patched}0.{name}" not in state_dict
                 ]
                 for name in missing:
                     state_dict[f"{patched}0.{name}"] = getattr(norm, name)
@@ -684,7 +683,7 @@ class CheckpointAdapter:
             if f"{base}{tensor_name}" in state_dict:
                 state_dict[f"{patched}original"] = state_dict.pop(f"{base}{tensor_name}")
                 # Placeholders for strict=True; after_load re-estimates them.
-                for name in norm.persistent_buffers:
+                for name in saved:
                     state_dict.setdefault(f"{patched}0.{name}", getattr(norm, name))
                 self.pending.add(key)
             elif f"{base}{tensor_name}_orig" in state_dict:
@@ -694,7 +693,7 @@ class CheckpointAdapter:
                     state_dict[f"{patched}0._u"] = state_dict.pop(legacy[0])
                     state_dict[f"{patched}0._v"] = state_dict.pop(legacy[1])
                 else:
-                    for name in norm.persistent_buffers:
+                    for name in saved:
                         state_dict.setdefault(f"{patched}0.{name}", getattr(norm, name))
                     for k in legacy:
                         state_dict.pop(k, None)
