@@ -59,6 +59,13 @@ _LANCZOS_RTOL = 1e-7
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
+# Switches of the CPU-only special paths, for measuring them with ``snpatch bench`` only
+# (issue 14, item 7): each is kept only if it saves >= 5% on some bench model.
+_FLOAT_SCALE = True  # _scale: Python floats for a CPU scalar
+_CPU_BACKWARD = True  # _Normalize.backward: one fused pass with Python-float scalars
+_INPLACE_GRAD = True  # ... written into the incoming gradient (reference counts)
+_EAGER_FUNCTION = True  # _NormalizeEager in plain eager training
+
 
 def _state_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype of the iteration state: float32, or float64 for float64 weights."""
@@ -137,7 +144,8 @@ def _scale(sigma: Tensor, lipschitz: float, soft: bool, eps: float) -> Tensor:
     keeps its gradient finite and non-zero so it can still be trained.
     """
     if (
-        sigma.device.type == "cpu"
+        _FLOAT_SCALE
+        and sigma.device.type == "cpu"
         and not sigma.requires_grad
         and not torch.compiler.is_compiling()
         and not torch._C._is_tracing()  # a traced graph must compute it, not hold a constant
@@ -312,7 +320,8 @@ class _Normalize(torch.autograd.Function):
             (grad_weight,) = torch.autograd.grad(out, weight, grad, create_graph=True)
             return grad_weight, *nones
         if (
-            dim == 0
+            _CPU_BACKWARD
+            and dim == 0
             and grad.device.type == "cpu"
             and grad.dtype == sigma.dtype
             and grad.is_contiguous()
@@ -325,7 +334,9 @@ class _Normalize(torch.autograd.Function):
             # the general path anyway). Written into ``grad`` itself when nothing else can
             # see it: a fresh weight-sized tensor per layer and step costs more in page
             # faults than the arithmetic (see _grad_is_private).
-            private = _grad_is_private(grad)  # before any view of grad adds a holder
+            private = _INPLACE_GRAD and _grad_is_private(
+                grad
+            )  # before any view of grad adds a holder
             value, factor = float(sigma), float(scale)
             alpha = 0.0  # d scale / d sigma * <g, W>: -scale / sigma where the bound is active
             if value > 0 and not (soft and value <= lipschitz):
@@ -796,7 +807,8 @@ class SpectralNorm(nn.Module):
                 and fresh[4] == (self.lipschitz, self.mode, self.eps)
             ):
                 # The step's own results (never written in place afterwards).
-                return _NormalizeEager.apply(  # type: ignore[no-any-return]
+                eager = _NormalizeEager if _EAGER_FUNCTION else _Normalize
+                return eager.apply(  # type: ignore[no-any-return]
                     weight, *fresh[:4], self.lipschitz, soft, self.eps, self.dim
                 )
             sigma = self._sigma
@@ -805,7 +817,7 @@ class SpectralNorm(nn.Module):
         # Cloned: a later step (or a load) updates the buffers in place, and autograd
         # must see the values this forward used.
         sigma = sigma.clone()
-        function = _Normalize if functorch or compiling else _NormalizeEager
+        function = _Normalize if functorch or compiling or not _EAGER_FUNCTION else _NormalizeEager
         return function.apply(  # type: ignore[no-any-return]
             weight,
             self._u.clone(),
