@@ -27,13 +27,13 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch._subclasses.fake_tensor import (
+
+from ._compat import (
     DataDependentOutputException,
     DynamicOutputShapeException,
     FakeTensorMode,
+    TorchDispatchMode,
 )
-from torch.utils._python_dispatch import TorchDispatchMode
-
 from .errors import MissingDependencyError
 from .parametrization import _Normalize, _scale
 

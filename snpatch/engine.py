@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from ._compat import foreach_copy_
 from .distributed import is_sharded
 
 if TYPE_CHECKING:
@@ -250,7 +251,7 @@ def block_step(products: Sequence[BlockProducts]) -> None:
                     target.copy_(value)
             elif copies:
                 targets, values = zip(*copies, strict=True)
-                torch._foreach_copy_(list(targets), list(values))
+                foreach_copy_(targets, values)
         for item in items:
             if item.commit is not None:
                 item.commit()

@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._compat import ConvNd, conv_pad, version_counter
 from .distributed import gathered, sharded_like
 from .engine import BlockProducts, RitzRow, block_step, next_block
 from .parametrization import (
@@ -141,7 +142,7 @@ class ConvSpec:
     @classmethod
     def of(cls, layer: nn.Module) -> ConvSpec:
         """The spec of a ``Conv*d`` / ``ConvTranspose*d`` layer."""
-        assert isinstance(layer, nn.modules.conv._ConvNd)
+        assert isinstance(layer, ConvNd)
         padding = layer.padding if isinstance(layer.padding, str) else tuple(layer.padding)
         return cls(
             transposed=bool(layer.transposed),
@@ -153,7 +154,7 @@ class ConvSpec:
             groups=int(layer.groups),
             padding_mode=str(layer.padding_mode),
             output_padding=tuple(int(p) for p in layer.output_padding),
-            pad=tuple(int(p) for p in layer._reversed_padding_repeated_twice),
+            pad=conv_pad(layer),
         )
 
     def apply(self, x: Tensor, weight: Tensor) -> Tensor:
@@ -949,7 +950,7 @@ class OperatorNorm(SpectralNorm):
         version counter (an inference tensor), whose divisor is recomputed at every forward.
         """
         try:
-            version = weight._version
+            version = version_counter(weight)
         except RuntimeError:
             return None
         return (

@@ -23,6 +23,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from ._compat import (
+    functorch_transforms_active,
+    in_autograd_backward,
+    jit_tracing,
+    version_counter,
+)
 from .distributed import gathered, sharded_like
 from .engine import (
     BlockProducts,
@@ -103,7 +109,7 @@ def in_functorch_transform() -> bool:
     """
     if torch.compiler.is_compiling():
         return False
-    return bool(torch._C._are_functorch_transforms_active())
+    return functorch_transforms_active()
 
 
 def in_backward_pass() -> bool:
@@ -115,7 +121,7 @@ def in_backward_pass() -> bool:
     """
     if torch.compiler.is_compiling():
         return False
-    return bool(torch._C._current_graph_task_id() != -1)
+    return in_autograd_backward()
 
 
 def weight_to_matrix(weight: Tensor, dim: int) -> Tensor:
@@ -148,8 +154,8 @@ def _scale(sigma: Tensor, lipschitz: float, soft: bool, eps: float) -> Tensor:
         and sigma.device.type == "cpu"
         and not sigma.requires_grad
         and not torch.compiler.is_compiling()
-        and not torch._C._is_tracing()  # a traced graph must compute it, not hold a constant
-        and not torch._C._are_functorch_transforms_active()
+        and not jit_tracing()  # a traced graph must compute it, not hold a constant
+        and not functorch_transforms_active()
     ):
         # One CPU scalar (reading it syncs nothing): Python arithmetic in place of six 0-dim
         # tensor operations, which cost a small layer more than its normalization does.
@@ -707,7 +713,7 @@ class SpectralNorm(nn.Module):
         Host-side metadata only: reading it never synchronizes a device.
         """
         try:
-            return (_OptimizerSteps.count, id(weight), weight.data_ptr(), weight._version)
+            return (_OptimizerSteps.count, id(weight), weight.data_ptr(), version_counter(weight))
         except RuntimeError:  # an inference tensor has no version counter
             return None
 
@@ -768,7 +774,7 @@ class SpectralNorm(nn.Module):
     def _commit(self) -> None:
         if self._fresh is not None:
             try:
-                self._fresh_version = self._buffers["_u"]._version  # type: ignore[union-attr]
+                self._fresh_version = version_counter(self._buffers["_u"])  # type: ignore[arg-type]
             except RuntimeError:  # an inference tensor (made under inference_mode): no version
                 self._fresh = None
 
@@ -803,7 +809,7 @@ class SpectralNorm(nn.Module):
             if (
                 fresh is not None
                 and not compiling
-                and self._fresh_version == self._buffers["_u"]._version  # type: ignore[union-attr]
+                and self._fresh_version == version_counter(self._buffers["_u"])  # type: ignore[arg-type]
                 and fresh[4] == (self.lipschitz, self.mode, self.eps)
             ):
                 # The step's own results (never written in place afterwards).
@@ -840,11 +846,11 @@ class SpectralNorm(nn.Module):
             return (
                 id(weight),
                 weight.data_ptr(),
-                weight._version,
+                version_counter(weight),
                 u.data_ptr(),
-                u._version,
+                version_counter(u),
                 v.data_ptr(),
-                v._version,
+                version_counter(v),
                 self.lipschitz,
                 self.mode,
                 self.eps,
@@ -888,8 +894,8 @@ class SpectralNorm(nn.Module):
             or not self.eval_cache
             or (weight.requires_grad and torch.is_grad_enabled())
             or torch.compiler.is_compiling()
-            or torch._C._is_tracing()  # a cached tensor would become a constant of the trace
-            or torch._C._are_functorch_transforms_active()
+            or jit_tracing()  # a cached tensor would become a constant of the trace
+            or functorch_transforms_active()
         )
 
     def clear_cache(self) -> None:
