@@ -51,7 +51,7 @@ from torch import Tensor, nn
 
 from ._compat import ConvNd, conv_pad, version_counter
 from .distributed import gathered, sharded_like
-from .engine import BlockProducts, RitzRow, block_step, next_block
+from .engine import BlockProducts, RitzRow, block_step, next_block, scale_of
 from .parametrization import (
     _LANCZOS_MAX_STEPS,
     _LOW_PRECISION,
@@ -59,7 +59,6 @@ from .parametrization import (
     Mode,
     SpectralNorm,
     _orthonormal,
-    _scale,
     _scaled,
     in_functorch_transform,
     lanczos_top,
@@ -1022,7 +1021,7 @@ class OperatorNorm(SpectralNorm):
                 sigma = self._divisor(weight).clone() + (live - live.detach())
             else:
                 sigma = live
-            return _scaled(weight, _scale(sigma, self.lipschitz, self.mode == "soft", self.eps))
+            return _scaled(weight, scale_of(sigma, self.lipschitz, self.mode == "soft", self.eps))
 
     def _load_from_state_dict(
         self,

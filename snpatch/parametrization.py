@@ -13,8 +13,6 @@ one vector per step falls behind).
 
 from __future__ import annotations
 
-import functools
-import sys
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, Literal, cast
 
@@ -64,13 +62,6 @@ _LANCZOS_MAX_STEPS = 160
 _LANCZOS_RTOL = 1e-7
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
-
-# Switches of the CPU-only special paths, for measuring them with ``snpatch bench`` only
-# (issue 14, item 7): each is kept only if it saves >= 5% on some bench model.
-_FLOAT_SCALE = True  # _scale: Python floats for a CPU scalar
-_CPU_BACKWARD = True  # _Normalize.backward: one fused pass with Python-float scalars
-_INPLACE_GRAD = True  # ... written into the incoming gradient (reference counts)
-_EAGER_FUNCTION = True  # _NormalizeEager in plain eager training
 
 
 def _state_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -143,110 +134,11 @@ def _matrix_to_weight(matrix: Tensor, shape: torch.Size, dim: int) -> Tensor:
     return matrix.reshape(moved).movedim(0, dim)
 
 
-def _scale(sigma: Tensor, lipschitz: float, soft: bool, eps: float) -> Tensor:
-    """``c / sigma`` (hard) or ``min(1, c / sigma)`` (soft); a zero ``sigma`` gives ``c``.
-
-    A zero weight has ``sigma == 0``: dividing by 1 instead keeps it zero, never NaN, and
-    keeps its gradient finite and non-zero so it can still be trained.
-    """
-    if (
-        _FLOAT_SCALE
-        and sigma.device.type == "cpu"
-        and not sigma.requires_grad
-        and not torch.compiler.is_compiling()
-        and not jit_tracing()  # a traced graph must compute it, not hold a constant
-        and not functorch_transforms_active()
-    ):
-        # One CPU scalar (reading it syncs nothing): Python arithmetic in place of six 0-dim
-        # tensor operations, which cost a small layer more than its normalization does.
-        value = float(sigma)
-        factor = lipschitz / max(value, eps) if value > 0 else lipschitz
-        return torch.tensor(min(factor, 1.0) if soft else factor, dtype=sigma.dtype)
-    return scale_of(sigma, lipschitz, soft, eps)
-
-
 def _scaled(weight: Tensor, scale: Tensor) -> Tensor:
     if weight.dtype in _LOW_PRECISION:
         # A float16/bfloat16 scale alone would be off by up to 0.4%.
         return (weight.float() * scale).to(weight.dtype)
     return weight * (scale if scale.dtype == weight.dtype else scale.to(weight.dtype))
-
-
-def _reference_counts(grad: Tensor) -> tuple[int, ...]:
-    """Who holds ``grad``: its tensor's, its storage's and its Python object's reference counts.
-
-    Called at the same call depth from :class:`_Normalize`'s backward and from the probe,
-    so that equal counts mean equal holders. For a view, its base's counts too.
-    """
-    storage = torch._C._storage_Use_Count(grad.untyped_storage()._cdata)
-    counts = (grad._use_count(), storage, sys.getrefcount(grad))  # type: ignore[attr-defined]
-    base = grad._base
-    if base is None:
-        return counts
-    return (*counts, base._use_count(), sys.getrefcount(base))  # type: ignore[attr-defined]
-
-
-class _Probe(torch.autograd.Function):
-    """Records :func:`_reference_counts` of the gradient it receives, then scales it in place."""
-
-    counts: ClassVar[list[tuple[int, ...]]] = []
-
-    @staticmethod
-    def forward(ctx: Any, weight: Tensor) -> Tensor:  # the style of _NormalizeEager
-        return weight * 1.0
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Tensor:
-        _record_counts(grad)  # the same call depth as _grad_is_private's
-        grad.mul_(2.0)
-        return grad
-
-
-def _record_counts(grad: Tensor) -> None:
-    _Probe.counts.append(_reference_counts(grad))
-
-
-@functools.cache
-def _private_counts() -> frozenset[tuple[int, ...]]:
-    """The reference counts of a gradient that only its consumer holds, by experiment.
-
-    A convolution's weight gradient (a plain tensor) and a linear layer's (a view) are sent
-    through :class:`_Probe`, the way a layer's gradient reaches :class:`_NormalizeEager`; the
-    counts seen there are those of a gradient that nothing else holds. They depend on the
-    torch and Python versions, hence measured, not assumed; and the probe checks that its
-    in-place update reaches the weight's ``.grad`` intact. Empty (never in place) if
-    anything about it fails.
-    """
-    try:
-        with torch.inference_mode(False), torch.enable_grad():
-            _Probe.counts.clear()
-            weight = torch.ones(2, 1, 1, 1, requires_grad=True)
-            F.conv2d(torch.ones(1, 1, 1, 1), _Probe.apply(weight)).sum().backward()  # type: ignore[no-untyped-call]
-            matrix = torch.ones(2, 3, requires_grad=True)
-            F.linear(torch.ones(1, 3), _Probe.apply(matrix)).sum().backward()  # type: ignore[no-untyped-call]
-            intact = (
-                weight.grad is not None
-                and matrix.grad is not None
-                and bool((weight.grad == 2.0).all())
-                and bool((matrix.grad == 2.0).all())
-            )
-            return frozenset(_Probe.counts) if intact and len(_Probe.counts) == 2 else frozenset()
-    except (AttributeError, RuntimeError, TypeError):
-        return frozenset()
-    finally:
-        _Probe.counts.clear()
-
-
-def _grad_is_private(grad: Tensor) -> bool:
-    """True when nothing but this backward holds ``grad``, so it may be updated in place.
-
-    The autograd engine does the same check (reference counts) before it accumulates
-    gradients in place. A gradient shared with another consumer (``W_eff + delta`` passes
-    one tensor to both branches), kept by a user's hook or captured by
-    ``torch.autograd.grad(..., inputs=[W_eff])`` has higher counts and is left alone.
-    """
-    private = _private_counts()
-    return bool(private) and _reference_counts(grad) in private
 
 
 class _Sigma(torch.autograd.Function):
@@ -305,7 +197,7 @@ class _Normalize(torch.autograd.Function):
         eps: float,
         dim: int,
     ) -> Tensor:
-        # ``scale`` is _scale(sigma, lipschitz, soft, eps), computed once by the caller.
+        # ``scale`` is scale_of(sigma, lipschitz, soft, eps), computed once by the caller.
         return _scaled(weight, scale)
 
     @staticmethod
@@ -322,12 +214,11 @@ class _Normalize(torch.autograd.Function):
         if torch.is_grad_enabled():
             # Double backward: the same formula, from differentiable operations.
             sigma_of_w = _Sigma.apply(weight, u, v, sigma, dim)
-            out = _scaled(weight, _scale(sigma_of_w, lipschitz, soft, eps))
+            out = _scaled(weight, scale_of(sigma_of_w, lipschitz, soft, eps))
             (grad_weight,) = torch.autograd.grad(out, weight, grad, create_graph=True)
             return grad_weight, *nones
         if (
-            _CPU_BACKWARD
-            and dim == 0
+            dim == 0
             and grad.device.type == "cpu"
             and grad.dtype == sigma.dtype
             and grad.is_contiguous()
@@ -337,21 +228,15 @@ class _Normalize(torch.autograd.Function):
             # as Python floats (reading CPU scalars costs no device synchronization, and a
             # small layer's step would otherwise spend more on a dozen 0-dim tensor ops
             # than on its arithmetic; a compiled graph can't read them, and inductor fuses
-            # the general path anyway). Written into ``grad`` itself when nothing else can
-            # see it: a fresh weight-sized tensor per layer and step costs more in page
-            # faults than the arithmetic (see _grad_is_private).
-            private = _INPLACE_GRAD and _grad_is_private(
-                grad
-            )  # before any view of grad adds a holder
+            # the general path anyway). Kept for its measured saving (issue 14, item 7: kept
+            # only while >= 5% on some bench model): without it, training the bench's mlp
+            # took 6% longer (in-process A/B, docs/design/engine.md, "4. Simpler").
             value, factor = float(sigma), float(scale)
             alpha = 0.0  # d scale / d sigma * <g, W>: -scale / sigma where the bound is active
             if value > 0 and not (soft and value <= lipschitz):
                 dot = float(torch.vdot(grad.view(-1), weight.reshape(-1).to(grad.dtype)))
                 alpha = -factor / max(value, eps) * dot
             matrix = grad.view(grad.shape[0], -1)
-            if private:
-                matrix.addr_(u, v, beta=factor, alpha=alpha)
-                return grad, *nones
             fused = torch.addr(matrix, u, v, beta=factor, alpha=alpha)
             return fused.view(grad.shape), *nones
         # d scale / d sigma = -scale / sigma where the bound is active, else 0 (soft).
@@ -377,7 +262,9 @@ class _NormalizeEager(torch.autograd.Function):
     The same forward and backward. torch binds the arguments of a setup_context-style
     Function with ``inspect.signature`` on every call, which costs more than a small
     layer's whole normalization; this style skips that. Under torch.func transforms and
-    while compiling, :class:`_Normalize` is used (they need its style).
+    while compiling, :class:`_Normalize` is used (they need its style). Kept for its measured
+    saving (issue 14, item 7): with :class:`_Normalize` instead, a training step of the
+    bench's mixture_d took 10-12% longer, mlp's 5-6% (docs/design/engine.md, "4. Simpler").
     """
 
     @staticmethod
@@ -623,7 +510,7 @@ class SpectralNorm(nn.Module):
         """
         full = gathered(weight)
         sigma = self.sigma(full)
-        scale = _scale(sigma, self.lipschitz, self.mode == "soft", self.eps)
+        scale = scale_of(sigma, self.lipschitz, self.mode == "soft", self.eps)
         return sharded_like(_scaled(full.detach(), scale), weight)
 
     def __prepare_scriptable__(self) -> SpectralNorm:
@@ -813,8 +700,7 @@ class SpectralNorm(nn.Module):
                 and fresh[4] == (self.lipschitz, self.mode, self.eps)
             ):
                 # The step's own results (never written in place afterwards).
-                eager = _NormalizeEager if _EAGER_FUNCTION else _Normalize
-                return eager.apply(  # type: ignore[no-any-return]
+                return _NormalizeEager.apply(  # type: ignore[no-any-return]
                     weight, *fresh[:4], self.lipschitz, soft, self.eps, self.dim
                 )
             sigma = self._sigma
@@ -823,13 +709,13 @@ class SpectralNorm(nn.Module):
         # Cloned: a later step (or a load) updates the buffers in place, and autograd
         # must see the values this forward used.
         sigma = sigma.clone()
-        function = _Normalize if functorch or compiling or not _EAGER_FUNCTION else _NormalizeEager
+        function = _Normalize if functorch or compiling else _NormalizeEager
         return function.apply(  # type: ignore[no-any-return]
             weight,
             self._u.clone(),
             self._v.clone(),
             sigma,
-            _scale(sigma, self.lipschitz, soft, self.eps),
+            scale_of(sigma, self.lipschitz, soft, self.eps),
             self.lipschitz,
             soft,
             self.eps,
