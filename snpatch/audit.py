@@ -27,15 +27,16 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch._subclasses.fake_tensor import (
+
+from ._compat import (
     DataDependentOutputException,
     DynamicOutputShapeException,
     FakeTensorMode,
+    TorchDispatchMode,
 )
-from torch.utils._python_dispatch import TorchDispatchMode
-
+from .engine import scale_of
 from .errors import MissingDependencyError
-from .parametrization import _Normalize, _scale
+from .parametrization import _Normalize
 
 __all__ = [
     "SYNCHRONIZING_OPS",
@@ -202,7 +203,7 @@ def audit_backward(
         cols = weight.numel() // rows
         u, v = torch.randn(rows, device="cuda"), torch.randn(cols, device="cuda")
         sigma = torch.ones((), device="cuda")
-        scale = _scale(sigma, 1.0, soft, 1e-12)
+        scale = scale_of(sigma, 1.0, soft, 1e-12)
         ctx = _Context((weight, u, v, sigma, scale), (1.0, soft, 1e-12, dim))
         grad = torch.randn(shape, device="cuda")
         with recorder, torch.no_grad():

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrizations
 
+from ._compat import ConvNd
 from .audit import _Recorder, audit_backward, ops_per_weight
 from .errors import InvalidArgumentError, MissingDependencyError
 from .parametrization import weight_to_matrix
@@ -169,7 +170,7 @@ class BenchResult:
 def example_input(model: nn.Module, batch_size: int, image_size: int) -> Tensor:
     """A random input for ``model``, shaped for its first conv or linear layer."""
     for module in model.modules():
-        if isinstance(module, nn.modules.conv._ConvNd):
+        if isinstance(module, ConvNd):
             spatial = module.weight.dim() - 2
             return torch.randn(batch_size, module.in_channels, *([image_size] * spatial))
         if isinstance(module, nn.Linear):

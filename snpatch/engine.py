@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from ._compat import foreach_copy_
 from .distributed import is_sharded
 
 if TYPE_CHECKING:
@@ -235,8 +236,9 @@ def residuals(result: Ritz) -> Tensor:
     ``cu = c / |Y c|`` (``cu^T G_y cu = 1``, ``cu^T G_z cu = sigma^2``) is
     ``sigma^2 |cu|^2 - 1``. Zero for a zero weight.
     """
-    squared = (result.sigma * torch.linalg.vector_norm(result.cu, dim=-1)).square_().sub_(1)
-    return squared.clamp_min_(0).sqrt_()
+    squared = (result.sigma * torch.linalg.vector_norm(result.cu, dim=-1)).square() - 1
+    residual: Tensor = squared.clamp_min(0).sqrt()
+    return residual
 
 
 def refreshes(device: torch.device) -> bool:
@@ -261,7 +263,8 @@ def krylov_block(item: BlockProducts, row: RitzRow, depth: int = REFRESH_DEPTH) 
     spectrum: the block is orthonormalized in column order). The estimator's products on
     that block (``item.restep``) are the refreshed step.
     """
-    assert item.block is not None and item.explore is not None
+    assert item.block is not None
+    assert item.explore is not None
     tiny = torch.finfo(item.z.dtype).tiny
     basis, ys, zs = [item.block], [item.y], [item.z]
     x = torch.mv(item.z, row.cv)
@@ -338,7 +341,7 @@ def block_step(products: Sequence[BlockProducts]) -> None:
                     target.copy_(value)
             elif copies:
                 targets, values = zip(*copies, strict=True)
-                torch._foreach_copy_(list(targets), list(values))
+                foreach_copy_(targets, values)
         for item in items:
             if item.commit is not None:
                 item.commit()
@@ -358,9 +361,7 @@ def _refresh(
     """
     values = dict(enumerate(residual.tolist()))
     for _ in range(REFRESH_ROUNDS):
-        flagged = [
-            i for i, value in values.items() if value > REFRESH_RESIDUAL and items[i].restep
-        ]
+        flagged = [i for i, value in values.items() if value > REFRESH_RESIDUAL and items[i].restep]
         if not flagged:
             return
         redone = []

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from ._compat import set_state_dict_metadata, state_dict_metadata
 from .distributed import check_not_sharded
 from .engine import Cohort
 from .errors import (
@@ -414,9 +415,9 @@ def plain_state_dict(model: nn.Module) -> OrderedDict[str, Tensor]:
                 _plain_position(items, base, tensor_name, order), (base + tensor_name, effective)
             )
     plain = OrderedDict(items)
-    metadata = getattr(state, "_metadata", None)
+    metadata = state_dict_metadata(state)
     if metadata is not None:
-        plain._metadata = _plain_metadata(metadata, replace)  # type: ignore[attr-defined]
+        set_state_dict_metadata(plain, _plain_metadata(metadata, replace))
     return plain
 
 

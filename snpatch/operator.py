@@ -53,8 +53,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._compat import ConvNd, conv_pad, version_counter
 from .distributed import gathered, sharded_like
-from .engine import BlockProducts, RitzRow, block_step, next_block
+from .engine import BlockProducts, RitzRow, block_step, next_block, scale_of
 from .parametrization import (
     _LANCZOS_MAX_STEPS,
     _LOW_PRECISION,
@@ -62,7 +63,6 @@ from .parametrization import (
     Mode,
     SpectralNorm,
     _orthonormal,
-    _scale,
     _scaled,
     in_functorch_transform,
     lanczos_top,
@@ -157,7 +157,7 @@ class ConvSpec:
     @classmethod
     def of(cls, layer: nn.Module) -> ConvSpec:
         """The spec of a ``Conv*d`` / ``ConvTranspose*d`` layer."""
-        assert isinstance(layer, nn.modules.conv._ConvNd)
+        assert isinstance(layer, ConvNd)
         padding = layer.padding if isinstance(layer.padding, str) else tuple(layer.padding)
         return cls(
             transposed=bool(layer.transposed),
@@ -169,7 +169,7 @@ class ConvSpec:
             groups=int(layer.groups),
             padding_mode=str(layer.padding_mode),
             output_padding=tuple(int(p) for p in layer.output_padding),
-            pad=tuple(int(p) for p in layer._reversed_padding_repeated_twice),
+            pad=conv_pad(layer),
         )
 
     def apply(self, x: Tensor, weight: Tensor) -> Tensor:
@@ -834,6 +834,10 @@ OPERATOR_BLOCK_SIZE = 4
 _LANCZOS_ENTRIES = 1 << 25
 
 
+#: OperatorNorm's saved state beyond torch's ``_u``, ``_v`` (a convolution's only).
+_OPERATOR_STATE = ("_input_size", "_op_v")
+
+
 class OperatorNorm(SpectralNorm):
     """Parametrization dividing a weight by a layer's operator norm or a certified bound.
 
@@ -862,8 +866,9 @@ class OperatorNorm(SpectralNorm):
     same divisor, and eval outputs are those of the saved model.
 
     Buffers: ``_u``, ``_v`` (matrix state, saved), ``_input_size`` (long, zeros while
-    unknown, saved), ``_op_v`` (``(1, C, *size)``, saved); not saved: ``_block``,
-    ``_sigma``, ``_op_block``, ``_op_sigma`` (re-fitted after loading).
+    unknown), ``_op_v`` (``(1, C, *size)``), both saved for a convolution only (a weight
+    normalized as a matrix keeps torch's keys); not saved: ``_block``, ``_sigma``,
+    ``_op_block``, ``_op_sigma`` (re-fitted after loading).
 
     Args:
         weight: the weight to normalize, as for :class:`SpectralNorm`.
@@ -919,10 +924,15 @@ class OperatorNorm(SpectralNorm):
         ndim = conv.ndim if conv is not None else 0
         dtype = self._u.dtype
         device = self._u.device
-        self.register_buffer("_input_size", torch.zeros(ndim, dtype=torch.long, device=device))
+        # Saved for a convolution's operator norm only: a weight normalized as a matrix
+        # (certified Linear) keeps torch's state_dict keys, ``_u`` and ``_v``.
+        saved = conv is not None
+        self.register_buffer(
+            "_input_size", torch.zeros(ndim, dtype=torch.long, device=device), persistent=saved
+        )
         channels = conv.in_channels if conv is not None else 0
         empty = torch.zeros(1, channels, *([0] * ndim), dtype=dtype, device=device)
-        self.register_buffer("_op_v", empty)
+        self.register_buffer("_op_v", empty, persistent=saved)
         self.register_buffer("_op_block", empty.clone(), persistent=False)
         self.register_buffer("_op_sigma", self._u.new_zeros(()), persistent=False)
         # (_bound_key of a weight, its certified divisor): derived from the weight alone,
@@ -952,6 +962,9 @@ class OperatorNorm(SpectralNorm):
         norm.conv = None if conv is None else ConvSpec(*conv)
         norm.certified = bool(config["certified"])
         norm.operator_block_size = int(config["operator_block_size"])
+        if norm.conv is None:  # not saved (see __init__)
+            for name in _OPERATOR_STATE:
+                norm.register_buffer(name, buffers[name], persistent=False)
         norm._buffers.pop("_bound", None)  # a buffer in snapshots of earlier versions
         norm._divisor_cache = None  # recomputed (the same value) at the next forward
         return norm
@@ -1110,7 +1123,7 @@ class OperatorNorm(SpectralNorm):
         version counter (an inference tensor), whose divisor is recomputed at every forward.
         """
         try:
-            version = weight._version
+            version = version_counter(weight)
         except RuntimeError:
             return None
         return (
@@ -1187,7 +1200,7 @@ class OperatorNorm(SpectralNorm):
                 sigma = self._divisor(weight).clone() + (live - live.detach())
             else:
                 sigma = live
-            return _scaled(weight, _scale(sigma, self.lipschitz, self.mode == "soft", self.eps))
+            return _scaled(weight, scale_of(sigma, self.lipschitz, self.mode == "soft", self.eps))
 
     def _load_from_state_dict(
         self,
@@ -1199,8 +1212,12 @@ class OperatorNorm(SpectralNorm):
         unexpected_keys: list[str],
         error_msgs: list[str],
     ) -> None:
+        if self.conv is None:
+            # Earlier versions saved empty placeholders for a weight normalized as a matrix.
+            for name in _OPERATOR_STATE:
+                state_dict.pop(prefix + name, None)
         # The saved input size may differ from this one's: take the saved shapes.
-        for name in ("_input_size", "_op_v"):
+        for name in _OPERATOR_STATE:
             incoming = state_dict.get(prefix + name)
             current = self._buffers[name]
             if (

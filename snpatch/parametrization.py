@@ -13,8 +13,6 @@ one vector per step falls behind).
 
 from __future__ import annotations
 
-import functools
-import sys
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, Literal, cast
 
@@ -23,6 +21,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from ._compat import (
+    functorch_transforms_active,
+    in_autograd_backward,
+    jit_tracing,
+    version_counter,
+)
 from .distributed import gathered, sharded_like
 from .engine import (
     BlockProducts,
@@ -96,7 +100,7 @@ def in_functorch_transform() -> bool:
     """
     if torch.compiler.is_compiling():
         return False
-    return bool(torch._C._are_functorch_transforms_active())
+    return functorch_transforms_active()
 
 
 def in_backward_pass() -> bool:
@@ -108,7 +112,7 @@ def in_backward_pass() -> bool:
     """
     if torch.compiler.is_compiling():
         return False
-    return bool(torch._C._current_graph_task_id() != -1)
+    return in_autograd_backward()
 
 
 def weight_to_matrix(weight: Tensor, dim: int) -> Tensor:
@@ -130,27 +134,6 @@ def _matrix_to_weight(matrix: Tensor, shape: torch.Size, dim: int) -> Tensor:
     return matrix.reshape(moved).movedim(0, dim)
 
 
-def _scale(sigma: Tensor, lipschitz: float, soft: bool, eps: float) -> Tensor:
-    """``c / sigma`` (hard) or ``min(1, c / sigma)`` (soft); a zero ``sigma`` gives ``c``.
-
-    A zero weight has ``sigma == 0``: dividing by 1 instead keeps it zero, never NaN, and
-    keeps its gradient finite and non-zero so it can still be trained.
-    """
-    if (
-        sigma.device.type == "cpu"
-        and not sigma.requires_grad
-        and not torch.compiler.is_compiling()
-        and not torch._C._is_tracing()  # a traced graph must compute it, not hold a constant
-        and not torch._C._are_functorch_transforms_active()
-    ):
-        # One CPU scalar (reading it syncs nothing): Python arithmetic in place of six 0-dim
-        # tensor operations, which cost a small layer more than its normalization does.
-        value = float(sigma)
-        factor = lipschitz / max(value, eps) if value > 0 else lipschitz
-        return torch.tensor(min(factor, 1.0) if soft else factor, dtype=sigma.dtype)
-    return scale_of(sigma, lipschitz, soft, eps)
-
-
 def _scaled(weight: Tensor, scale: Tensor) -> Tensor:
     if weight.dtype in _LOW_PRECISION:
         # A float16/bfloat16 scale alone would be off by up to 0.4%.
@@ -162,83 +145,6 @@ def _explore(matrix: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
     """``(W x, W^T W x)`` for a flat vector ``x`` (``W^T`` applied from the left of a row)."""
     wx = torch.mv(matrix, x)
     return wx, wx @ matrix
-
-
-def _reference_counts(grad: Tensor) -> tuple[int, ...]:
-    """Who holds ``grad``: its tensor's, its storage's and its Python object's reference counts.
-
-    Called at the same call depth from :class:`_Normalize`'s backward and from the probe,
-    so that equal counts mean equal holders. For a view, its base's counts too.
-    """
-    storage = torch._C._storage_Use_Count(grad.untyped_storage()._cdata)
-    counts = (grad._use_count(), storage, sys.getrefcount(grad))  # type: ignore[attr-defined]
-    base = grad._base
-    if base is None:
-        return counts
-    return (*counts, base._use_count(), sys.getrefcount(base))  # type: ignore[attr-defined]
-
-
-class _Probe(torch.autograd.Function):
-    """Records :func:`_reference_counts` of the gradient it receives, then scales it in place."""
-
-    counts: ClassVar[list[tuple[int, ...]]] = []
-
-    @staticmethod
-    def forward(ctx: Any, weight: Tensor) -> Tensor:  # the style of _NormalizeEager
-        return weight * 1.0
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Tensor:
-        _record_counts(grad)  # the same call depth as _grad_is_private's
-        grad.mul_(2.0)
-        return grad
-
-
-def _record_counts(grad: Tensor) -> None:
-    _Probe.counts.append(_reference_counts(grad))
-
-
-@functools.cache
-def _private_counts() -> frozenset[tuple[int, ...]]:
-    """The reference counts of a gradient that only its consumer holds, by experiment.
-
-    A convolution's weight gradient (a plain tensor) and a linear layer's (a view) are sent
-    through :class:`_Probe`, the way a layer's gradient reaches :class:`_NormalizeEager`; the
-    counts seen there are those of a gradient that nothing else holds. They depend on the
-    torch and Python versions, hence measured, not assumed; and the probe checks that its
-    in-place update reaches the weight's ``.grad`` intact. Empty (never in place) if
-    anything about it fails.
-    """
-    try:
-        with torch.inference_mode(False), torch.enable_grad():
-            _Probe.counts.clear()
-            weight = torch.ones(2, 1, 1, 1, requires_grad=True)
-            F.conv2d(torch.ones(1, 1, 1, 1), _Probe.apply(weight)).sum().backward()  # type: ignore[no-untyped-call]
-            matrix = torch.ones(2, 3, requires_grad=True)
-            F.linear(torch.ones(1, 3), _Probe.apply(matrix)).sum().backward()  # type: ignore[no-untyped-call]
-            intact = (
-                weight.grad is not None
-                and matrix.grad is not None
-                and bool((weight.grad == 2.0).all())
-                and bool((matrix.grad == 2.0).all())
-            )
-            return frozenset(_Probe.counts) if intact and len(_Probe.counts) == 2 else frozenset()
-    except (AttributeError, RuntimeError, TypeError):
-        return frozenset()
-    finally:
-        _Probe.counts.clear()
-
-
-def _grad_is_private(grad: Tensor) -> bool:
-    """True when nothing but this backward holds ``grad``, so it may be updated in place.
-
-    The autograd engine does the same check (reference counts) before it accumulates
-    gradients in place. A gradient shared with another consumer (``W_eff + delta`` passes
-    one tensor to both branches), kept by a user's hook or captured by
-    ``torch.autograd.grad(..., inputs=[W_eff])`` has higher counts and is left alone.
-    """
-    private = _private_counts()
-    return bool(private) and _reference_counts(grad) in private
 
 
 class _Sigma(torch.autograd.Function):
@@ -297,7 +203,7 @@ class _Normalize(torch.autograd.Function):
         eps: float,
         dim: int,
     ) -> Tensor:
-        # ``scale`` is _scale(sigma, lipschitz, soft, eps), computed once by the caller.
+        # ``scale`` is scale_of(sigma, lipschitz, soft, eps), computed once by the caller.
         return _scaled(weight, scale)
 
     @staticmethod
@@ -314,7 +220,7 @@ class _Normalize(torch.autograd.Function):
         if torch.is_grad_enabled():
             # Double backward: the same formula, from differentiable operations.
             sigma_of_w = _Sigma.apply(weight, u, v, sigma, dim)
-            out = _scaled(weight, _scale(sigma_of_w, lipschitz, soft, eps))
+            out = _scaled(weight, scale_of(sigma_of_w, lipschitz, soft, eps))
             (grad_weight,) = torch.autograd.grad(out, weight, grad, create_graph=True)
             return grad_weight, *nones
         if (
@@ -328,19 +234,15 @@ class _Normalize(torch.autograd.Function):
             # as Python floats (reading CPU scalars costs no device synchronization, and a
             # small layer's step would otherwise spend more on a dozen 0-dim tensor ops
             # than on its arithmetic; a compiled graph can't read them, and inductor fuses
-            # the general path anyway). Written into ``grad`` itself when nothing else can
-            # see it: a fresh weight-sized tensor per layer and step costs more in page
-            # faults than the arithmetic (see _grad_is_private).
-            private = _grad_is_private(grad)  # before any view of grad adds a holder
+            # the general path anyway). Kept for its measured saving (issue 14, item 7: kept
+            # only while >= 5% on some bench model): without it, training the bench's mlp
+            # took 6% longer (in-process A/B, docs/design/engine.md, "4. Simpler").
             value, factor = float(sigma), float(scale)
             alpha = 0.0  # d scale / d sigma * <g, W>: -scale / sigma where the bound is active
             if value > 0 and not (soft and value <= lipschitz):
                 dot = float(torch.vdot(grad.view(-1), weight.reshape(-1).to(grad.dtype)))
                 alpha = -factor / max(value, eps) * dot
             matrix = grad.view(grad.shape[0], -1)
-            if private:
-                matrix.addr_(u, v, beta=factor, alpha=alpha)
-                return grad, *nones
             fused = torch.addr(matrix, u, v, beta=factor, alpha=alpha)
             return fused.view(grad.shape), *nones
         # d scale / d sigma = -scale / sigma where the bound is active, else 0 (soft).
@@ -366,7 +268,9 @@ class _NormalizeEager(torch.autograd.Function):
     The same forward and backward. torch binds the arguments of a setup_context-style
     Function with ``inspect.signature`` on every call, which costs more than a small
     layer's whole normalization; this style skips that. Under torch.func transforms and
-    while compiling, :class:`_Normalize` is used (they need its style).
+    while compiling, :class:`_Normalize` is used (they need its style). Kept for its measured
+    saving (issue 14, item 7): with :class:`_Normalize` instead, a training step of the
+    bench's mixture_d took 10-12% longer, mlp's 5-6% (docs/design/engine.md, "4. Simpler").
     """
 
     @staticmethod
@@ -612,7 +516,7 @@ class SpectralNorm(nn.Module):
         """
         full = gathered(weight)
         sigma = self.sigma(full)
-        scale = _scale(sigma, self.lipschitz, self.mode == "soft", self.eps)
+        scale = scale_of(sigma, self.lipschitz, self.mode == "soft", self.eps)
         return sharded_like(_scaled(full.detach(), scale), weight)
 
     def __prepare_scriptable__(self) -> SpectralNorm:
@@ -702,7 +606,7 @@ class SpectralNorm(nn.Module):
         Host-side metadata only: reading it never synchronizes a device.
         """
         try:
-            return (_OptimizerSteps.count, id(weight), weight.data_ptr(), weight._version)
+            return (_OptimizerSteps.count, id(weight), weight.data_ptr(), version_counter(weight))
         except RuntimeError:  # an inference tensor has no version counter
             return None
 
@@ -778,7 +682,7 @@ class SpectralNorm(nn.Module):
     def _commit(self) -> None:
         if self._fresh is not None:
             try:
-                self._fresh_version = self._buffers["_u"]._version  # type: ignore[union-attr]
+                self._fresh_version = version_counter(self._buffers["_u"])  # type: ignore[arg-type]
             except RuntimeError:  # an inference tensor (made under inference_mode): no version
                 self._fresh = None
 
@@ -813,7 +717,7 @@ class SpectralNorm(nn.Module):
             if (
                 fresh is not None
                 and not compiling
-                and self._fresh_version == self._buffers["_u"]._version  # type: ignore[union-attr]
+                and self._fresh_version == version_counter(self._buffers["_u"])  # type: ignore[arg-type]
                 and fresh[4] == (self.lipschitz, self.mode, self.eps)
             ):
                 # The step's own results (never written in place afterwards).
@@ -832,7 +736,7 @@ class SpectralNorm(nn.Module):
             self._u.clone(),
             self._v.clone(),
             sigma,
-            _scale(sigma, self.lipschitz, soft, self.eps),
+            scale_of(sigma, self.lipschitz, soft, self.eps),
             self.lipschitz,
             soft,
             self.eps,
@@ -849,11 +753,11 @@ class SpectralNorm(nn.Module):
             return (
                 id(weight),
                 weight.data_ptr(),
-                weight._version,
+                version_counter(weight),
                 u.data_ptr(),
-                u._version,
+                version_counter(u),
                 v.data_ptr(),
-                v._version,
+                version_counter(v),
                 self.lipschitz,
                 self.mode,
                 self.eps,
@@ -897,8 +801,8 @@ class SpectralNorm(nn.Module):
             or not self.eval_cache
             or (weight.requires_grad and torch.is_grad_enabled())
             or torch.compiler.is_compiling()
-            or torch._C._is_tracing()  # a cached tensor would become a constant of the trace
-            or torch._C._are_functorch_transforms_active()
+            or jit_tracing()  # a cached tensor would become a constant of the trace
+            or functorch_transforms_active()
         )
 
     def clear_cache(self) -> None:

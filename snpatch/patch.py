@@ -8,7 +8,6 @@ that advances the power iteration of those weights in training mode.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import numbers
 import warnings
@@ -19,10 +18,17 @@ from typing import Literal, TypeVar
 import torch
 from torch import Tensor, nn
 from torch.nn.parameter import UninitializedParameter
-from torch.nn.utils import parametrizations as torch_parametrizations
 from torch.nn.utils import parametrize
 from torch.nn.utils.spectral_norm import SpectralNorm as _LegacySpectralNorm
 
+from ._compat import (
+    ConvNd,
+    TorchSpectralNorm,
+    forward_pre_hook_tables,
+    keeping_gradient_accumulators,
+    load_state_dict_hook_tables,
+    unwrap_hook,
+)
 from .distributed import check_not_wrapped, gathered
 from .engine import Cohort, installed, original_tensor
 from .errors import (
@@ -304,9 +310,9 @@ def _existing_normalization(owner: nn.Module, tensor_name: str) -> str | None:
         for parametrization in parametrization_list(owner, tensor_name):
             if isinstance(parametrization, SpectralNorm):
                 return "snpatch"
-            if isinstance(parametrization, torch_parametrizations._SpectralNorm):
+            if isinstance(parametrization, TorchSpectralNorm):
                 return "torch.nn.utils.parametrizations.spectral_norm"
-    for hook in owner._forward_pre_hooks.values():
+    for hook in forward_pre_hook_tables(owner)[0].values():
         if isinstance(hook, _LegacySpectralNorm) and hook.name == tensor_name:
             return "torch.nn.utils.spectral_norm"
     return None
@@ -536,32 +542,6 @@ def _with_eval_cache(tensor_name: str, parametrized: property) -> property:
     return property(get, parametrized.fset, parametrized.fdel, parametrized.__doc__)
 
 
-@contextlib.contextmanager
-def _keeping_gradient_accumulators() -> Iterator[None]:
-    """Let torch's ``register_parametrization`` skip ``original.set_(original)``.
-
-    It sets the original tensor to ``right_inverse(original)``, which for snpatch's norms is
-    the tensor itself; but ``set_`` even with itself gives the parameter a new gradient
-    accumulator, and the hooks DistributedDataParallel put on the old one stop firing: after
-    ``exported()`` or remove + restore on a wrapped model, DDP no longer averages (or even
-    sees) those weights' gradients. Any other ``set_`` goes through unchanged.
-    """
-    maybe_set = getattr(parametrize, "_maybe_set", None)
-    if maybe_set is None:  # a torch without it: nothing to keep
-        yield
-        return
-
-    def set_unless_same(dest: Tensor, src: Tensor) -> None:
-        if dest is not src:
-            maybe_set(dest, src)
-
-    parametrize._maybe_set = set_unless_same
-    try:
-        yield
-    finally:
-        parametrize._maybe_set = maybe_set
-
-
 def install(
     layer: nn.Module,
     targets: Sequence[tuple[str, str]],
@@ -577,7 +557,7 @@ def install(
     for (path, tensor_name), norm in zip(targets, norms, strict=True):
         owner = layer.get_submodule(path) if path else layer
         adapter.tensor_order.setdefault(path, (*owner._parameters, *owner._buffers))
-        with _keeping_gradient_accumulators():
+        with keeping_gradient_accumulators():
             parametrize.register_parametrization(owner, tensor_name, norm, unsafe=True)
         # torch made this class for ``owner`` alone; its default message for pickling
         # doesn't say what to do with a spectrally normalized model.
@@ -594,17 +574,17 @@ def install(
 
 def uninstall_hooks(layer: nn.Module) -> None:
     """Remove the hooks :func:`install` added to ``layer`` (found by their classes)."""
-    for hooks in (layer._forward_pre_hooks, layer._forward_pre_hooks_with_kwargs):
+    for hooks in forward_pre_hook_tables(layer):
         for key in [k for k, hook in hooks.items() if isinstance(hook, PowerIterationHook)]:
             del hooks[key]
-    for hooks in (layer._load_state_dict_pre_hooks, layer._load_state_dict_post_hooks):
+    for hooks in load_state_dict_hook_tables(layer):
         for key in [k for k, hook in hooks.items() if _adapter_of(hook) is not None]:
             del hooks[key]
 
 
 def checkpoint_adapter(layer: nn.Module) -> CheckpointAdapter | None:
     """The :class:`CheckpointAdapter` that :func:`install` registered on ``layer``, if any."""
-    for hook in layer._load_state_dict_post_hooks.values():
+    for hook in load_state_dict_hook_tables(layer)[1].values():
         adapter = _adapter_of(hook)
         if adapter is not None:
             return adapter
@@ -612,8 +592,7 @@ def checkpoint_adapter(layer: nn.Module) -> CheckpointAdapter | None:
 
 
 def _adapter_of(hook: object) -> CheckpointAdapter | None:
-    # Pre-hooks are wrapped in torch's ``_WrappedHook``; both are bound methods.
-    method = getattr(hook, "hook", hook)
+    method = unwrap_hook(hook)  # both are bound methods
     owner = getattr(method, "__self__", None)
     return owner if isinstance(owner, CheckpointAdapter) else None
 
@@ -665,6 +644,7 @@ class CheckpointAdapter:
             return
         self.prefix = prefix
         for key, norm, _ in hook.norms(layer):
+            saved = norm.state_dict(keep_vars=True).keys()  # its persistent buffers
             path, _, tensor_name = key.rpartition(".")
             base = f"{prefix}{path}." if path else prefix
             patched = f"{base}parametrizations.{tensor_name}."
@@ -672,9 +652,7 @@ class CheckpointAdapter:
                 # A checkpoint of the other method (matrix <-> operator) lacks the derived
                 # state of this one: placeholders now, re-estimated after loading.
                 missing = [
-                    name
-                    for name in norm.persistent_buffers - {"_u", "_v"}
-                    if f"{patched}0.{name}" not in state_dict
+                    name for name in saved - {"_u", "_v"} if f"{patched}0.{name}" not in state_dict
                 ]
                 for name in missing:
                     state_dict[f"{patched}0.{name}"] = getattr(norm, name)
@@ -684,7 +662,7 @@ class CheckpointAdapter:
             if f"{base}{tensor_name}" in state_dict:
                 state_dict[f"{patched}original"] = state_dict.pop(f"{base}{tensor_name}")
                 # Placeholders for strict=True; after_load re-estimates them.
-                for name in norm.persistent_buffers:
+                for name in saved:
                     state_dict.setdefault(f"{patched}0.{name}", getattr(norm, name))
                 self.pending.add(key)
             elif f"{base}{tensor_name}_orig" in state_dict:
@@ -694,7 +672,7 @@ class CheckpointAdapter:
                     state_dict[f"{patched}0._u"] = state_dict.pop(legacy[0])
                     state_dict[f"{patched}0._v"] = state_dict.pop(legacy[1])
                 else:
-                    for name in norm.persistent_buffers:
+                    for name in saved:
                         state_dict.setdefault(f"{patched}0.{name}", getattr(norm, name))
                     for k in legacy:
                         state_dict.pop(k, None)
@@ -781,7 +759,7 @@ def record_input_sizes(
     sizes: dict[int, tuple[int, ...]] = {}
 
     def record(module: nn.Module, args: tuple[object, ...]) -> None:
-        if args and isinstance(args[0], Tensor) and isinstance(module, nn.modules.conv._ConvNd):
+        if args and isinstance(args[0], Tensor) and isinstance(module, ConvNd):
             size = tuple(args[0].shape[-len(module.kernel_size) :])
             old = sizes.get(id(module), size)
             sizes[id(module)] = tuple(max(a, b) for a, b in zip(size, old, strict=True))
@@ -805,7 +783,7 @@ def record_input_sizes(
 
 
 def _hook(module: nn.Module) -> PowerIterationHook | None:
-    for hook in module._forward_pre_hooks.values():
+    for hook in forward_pre_hook_tables(module)[0].values():
         if isinstance(hook, PowerIterationHook):
             return hook
     return None

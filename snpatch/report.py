@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
+from ._compat import ConvNd
 from .errors import InvalidArgumentError, InvalidArgumentTypeError, UnsupportedLayerError
 from .operator import ConvSpec, OperatorNorm, conv_bound, is_conv, matrix_bound, operator_norm
 from .parametrization import SpectralNorm, weight_to_matrix
@@ -44,7 +45,7 @@ def matrix_sigma(weight: Tensor, dim: int) -> float:
 
 def _check_shape(layer: nn.Module, input_shape: object) -> tuple[int, ...]:
     """``(C, *spatial)`` of one sample for a convolution, validated."""
-    assert isinstance(layer, nn.modules.conv._ConvNd)
+    assert isinstance(layer, ConvNd)
     ndim = len(layer.kernel_size)
     if not isinstance(input_shape, (tuple, list, torch.Size)) or not all(
         isinstance(n, int) and not isinstance(n, bool) for n in input_shape
@@ -97,7 +98,7 @@ def lipschitz_bound(layer: nn.Module, input_shape: Sequence[int] | None = None) 
     check_model(layer)
     with torch.no_grad():
         if is_conv(layer):
-            assert isinstance(layer, nn.modules.conv._ConvNd)
+            assert isinstance(layer, ConvNd)
             weight = layer.weight.detach()
             if input_shape is None:
                 return conv_bound(ConvSpec.of(layer), weight, None)
@@ -260,7 +261,7 @@ def _row(name: str, layer: nn.Module, size: tuple[int, ...] | None) -> ReportRow
     operator = any(isinstance(n, OperatorNorm) and n.conv is not None for n in norms.values())
     bound: float | None = None
     if is_conv(layer) and size is not None:
-        assert isinstance(layer, nn.modules.conv._ConvNd)
+        assert isinstance(layer, ConvNd)
         weight = layer.weight.detach()
         exact = operator_norm(ConvSpec.of(layer), weight, size)
         bound = lipschitz_bound(layer, (layer.in_channels, *size))

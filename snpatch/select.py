@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from torch.nn.parameter import UninitializedParameter
 from torch.nn.utils import parametrize
 
+from ._compat import ConvTransposeNd, packed_in_proj
 from .errors import (
     InvalidArgumentError,
     InvalidArgumentTypeError,
@@ -398,7 +399,7 @@ def default_dim(module: nn.Module, tensor_name: str) -> int:
     """torch's ``dim`` for ``module``'s tensor: 0, 1 for ``ConvTranspose*d`` and linear-likes."""
     dim = linear_like_dim(module) if tensor_name == "weight" else None
     if dim is None:
-        dim = 1 if isinstance(module, nn.modules.conv._ConvTransposeNd) else 0
+        dim = 1 if isinstance(module, ConvTransposeNd) else 0
     return dim
 
 
@@ -410,7 +411,7 @@ def default_targets(module: nn.Module) -> list[LayerTarget]:
     if isinstance(module, nn.MultiheadAttention):
         names = (
             ["in_proj_weight"]
-            if module._qkv_same_embed_dim
+            if packed_in_proj(module)
             else ["q_proj_weight", "k_proj_weight", "v_proj_weight"]
         )
         return [LayerTarget("", name, 0) for name in names] + [LayerTarget("out_proj", "weight", 0)]

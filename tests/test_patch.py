@@ -141,6 +141,42 @@ def test_checkpoints_move_between_torch_and_snpatch(kind: str) -> None:
         torch.testing.assert_close(back(x), ours(x), rtol=1e-12, atol=1e-14)
 
 
+def test_certified_linear_keeps_torchs_state_dict_keys() -> None:
+    # certified=True divides by a certified bound (OperatorNorm), but a weight normalized
+    # as a matrix (no input size) saves torch's layout, loaded both ways with strict=True.
+    def build() -> nn.Module:
+        torch.manual_seed(3)
+        return nn.Linear(6, 4).double()
+
+    x = torch.randn(2, 6).double()
+    ours = snpatch.apply_spectral_norm(build(), certified=True)
+    assert isinstance(snpatch.spectral_norms(ours)["weight"], snpatch.OperatorNorm)
+    torch_layer = parametrizations.spectral_norm(build())
+    assert list(ours.state_dict()) == list(torch_layer.state_dict())
+    for _ in range(3):
+        torch_layer(x)  # moves its u, v
+    ours.load_state_dict(torch_layer.state_dict(), strict=True)
+    for key, value in torch_layer.state_dict().items():
+        assert torch.equal(ours.state_dict()[key], value), key  # kept, not re-estimated
+    ours.train()
+    ours(x)
+    back = parametrizations.spectral_norm(build())
+    back.load_state_dict(ours.state_dict(), strict=True)
+    for key, value in ours.state_dict().items():
+        assert torch.equal(back.state_dict()[key], value), key
+    # A checkpoint of earlier versions, with the empty operator placeholders, still loads.
+    legacy = dict(ours.state_dict())
+    legacy["parametrizations.weight.0._input_size"] = torch.zeros(0, dtype=torch.long)
+    legacy["parametrizations.weight.0._op_v"] = torch.zeros(1, 0, dtype=torch.float64)
+    again = snpatch.apply_spectral_norm(build(), certified=True)
+    again.load_state_dict(legacy, strict=True)
+    assert list(again.state_dict()) == list(torch_layer.state_dict())
+    # A snapshot (remove, then restore) keeps the layout too.
+    snpatch.restore_spectral_norm(again, snpatch.remove_spectral_norm(again))
+    assert list(again.state_dict()) == list(torch_layer.state_dict())
+    assert snpatch.spectral_norms(again)["weight"].certified  # type: ignore[attr-defined]
+
+
 def test_u_and_v_are_left_and_right_singular_vectors() -> None:
     for layer, dim in [
         (nn.Conv2d(3, 7, 3), 0),

@@ -157,18 +157,15 @@ def test_set_lipschitz_retargets_without_losing_state(
     lipschitz=targets,
     soft=st.booleans(),
 )
-def test_the_cpu_scalar_scale_is_the_tensor_formula(
-    sigma: float, lipschitz: float, soft: bool
-) -> None:
-    # On CPU the scale is computed in Python floats; a tensor that requires grad (double
-    # backward), like any CUDA tensor, takes the 0-dim tensor formula. They must agree.
-    from snpatch.parametrization import _scale
+def test_the_scale_is_c_over_sigma(sigma: float, lipschitz: float, soft: bool) -> None:
+    # c / sigma (hard) or min(1, c / sigma) (soft), sigma clamped to eps; c at sigma <= 0.
+    from snpatch.engine import scale_of
 
     value = torch.tensor(sigma)
-    fast = _scale(value, lipschitz, soft, 1e-12)
-    formula = _scale(value.clone().requires_grad_(), lipschitz, soft, 1e-12).detach()
-    assert fast.dtype == formula.dtype == torch.float32 and fast.shape == ()
-    torch.testing.assert_close(fast, formula, rtol=3e-7, atol=0)
+    scale = scale_of(value, lipschitz, soft, 1e-12)
+    assert scale.dtype == torch.float32 and scale.shape == ()
+    factor = lipschitz / max(float(value), 1e-12) if float(value) > 0 else lipschitz
+    expected = torch.tensor(min(factor, 1.0) if soft else factor)  # float32
+    torch.testing.assert_close(scale, expected, rtol=3e-7, atol=0)
     if sigma <= 0:
-        expected = torch.tensor(min(lipschitz, 1.0) if soft else lipschitz)  # float32
-        assert torch.equal(fast, expected) and torch.equal(formula, expected)
+        assert torch.equal(scale, expected)
