@@ -58,8 +58,14 @@ __all__ = [
 REFRESH_RESIDUAL = 0.02
 #: Krylov depth of that refresh: ``A^j v`` for ``j <= REFRESH_DEPTH`` join the block.
 REFRESH_DEPTH = 8
+#: A Krylov vector that orthogonalization leaves below this fraction of its length is
+#: rounding (the space is exhausted): normalized, it would be noise that the Rayleigh-Ritz
+#: step cannot tell from a direction, and that makes the result depend on the rounding.
+KRYLOV_EXHAUSTED = 1e-4
 #: Refreshes at most per step (each from the last one's result).
-REFRESH_ROUNDS = 3
+REFRESH_ROUNDS = 4
+#: A refresh whose estimate rose by more than this (relative) is not converged yet.
+REFRESH_RISE = 1e-3
 
 #: Squarings of the whitened ``k x k`` problem: ``M^(2^8)`` leaves a second eigenvalue
 #: 0.98 of the first (singular values 1% apart) at 0.6% of it, for a sigma error of ~1e-7.
@@ -261,7 +267,8 @@ def krylov_block(item: BlockProducts, row: RitzRow, depth: int = REFRESH_DEPTH) 
     Rayleigh-Ritz step (:func:`ritz`, on the products already computed) gives the top
     right vector ``v*``, which replaces the block's last column (the one furthest down the
     spectrum: the block is orthonormalized in column order). The estimator's products on
-    that block (``item.restep``) are the refreshed step.
+    that block (``item.restep``) are the refreshed step. Runs on the CPU only (it reads
+    norms on the host, see :func:`refreshes`).
     """
     assert item.block is not None
     assert item.explore is not None
@@ -270,9 +277,13 @@ def krylov_block(item: BlockProducts, row: RitzRow, depth: int = REFRESH_DEPTH) 
     x = torch.mv(item.z, row.cv)
     for _ in range(depth + 1):
         known = torch.cat(basis, 1)
+        before = torch.linalg.vector_norm(x)
         for _ in range(2):
             x = x - torch.mv(known, torch.mv(known.mT, x))
-        x = x / torch.linalg.vector_norm(x).clamp_min(tiny)
+        after = torch.linalg.vector_norm(x)
+        if float(after) <= KRYLOV_EXHAUSTED * float(before):
+            break  # the space is exhausted (a low-rank weight): what is left is rounding
+        x = x / after.clamp_min(tiny)
         wx, ax = item.explore(x)
         basis.append(x.unsqueeze(1))
         ys.append(wx.unsqueeze(1))
@@ -355,15 +366,17 @@ def _refresh(
 ) -> None:
     """Replace, in place, the items (and rows) whose residual is too large by refreshed ones.
 
-    A refreshed step whose residual is still too large (the top of its Krylov space did
-    not converge: a flat top of the spectrum) is refreshed again from its own result, up
-    to :data:`REFRESH_ROUNDS` times.
+    A refresh is repeated from its own result, up to :data:`REFRESH_ROUNDS` times, while its
+    residual is still too large or its estimate still rose by more than
+    :data:`REFRESH_RISE` (a Ritz value only rises as it converges: on a flat top of the
+    spectrum a small residual alone does not say the top was reached).
     """
     values = dict(enumerate(residual.tolist()))
+    flagged = [i for i, value in values.items() if value > REFRESH_RESIDUAL and items[i].restep]
     for _ in range(REFRESH_ROUNDS):
-        flagged = [i for i, value in values.items() if value > REFRESH_RESIDUAL and items[i].restep]
         if not flagged:
             return
+        before = [float(rows[i].sigma) for i in flagged]
         redone = []
         for i in flagged:
             restep = items[i].restep
@@ -373,7 +386,13 @@ def _refresh(
         new_rows = _rows(result, options, len(redone))
         for i, item, row in zip(flagged, redone, new_rows, strict=True):
             items[i], rows[i] = item, row
-        values = dict(zip(flagged, residuals(result).tolist(), strict=True))
+        after = result.sigma.tolist()
+        still = residuals(result).tolist()
+        flagged = [
+            i
+            for i, old, new, value in zip(flagged, before, after, still, strict=True)
+            if value > REFRESH_RESIDUAL or new > old * (1 + REFRESH_RISE)
+        ]
 
 
 def autocast_off(device: torch.device) -> contextlib.AbstractContextManager[object]:

@@ -1074,21 +1074,11 @@ class OperatorNorm(SpectralNorm):
             out = conv.apply(block, w)
             back = conv.adjoint(out, w, size)
 
-        def explore(x: Tensor) -> tuple[Tensor, Tensor]:
-            ax = conv.apply(x.reshape(1, *block.shape[1:]), w)
-            return ax.flatten(), conv.adjoint(ax, w, size).flatten()
-
-        def restep(columns: Tensor) -> BlockProducts:
-            return self._block_products(w, columns.mT.reshape(block.shape))
-
-        return BlockProducts(
-            out.flatten(1).mT,
-            back.flatten(1).mT,
-            self._finish_operator,
-            block=block.flatten(1).mT,
-            explore=explore,
-            restep=restep,
-        )
+        # No refresh (``explore``, ``restep``) in operator mode yet: it held the jump tests,
+        # but its thresholded decisions made FSDP's ranks and one process (whose weights
+        # differ by rounding) end 1e-5 apart; and its measured failure is not a fast move
+        # but a crossing no residual sees (docs/design/engine.md, section 2).
+        return BlockProducts(out.flatten(1).mT, back.flatten(1).mT, self._finish_operator)
 
     def _finish_operator(self, y: Tensor, z: Tensor, row: RitzRow) -> list[tuple[Tensor, Tensor]]:
         block = self._op_block

@@ -52,7 +52,7 @@ __all__ = [
 Mode = Literal["hard", "soft"]
 
 #: Vectors tracked per weight. Chosen by measurement, see docs/measurements.md, "Accuracy".
-BLOCK_SIZE = 8
+BLOCK_SIZE = 16
 
 # Below this size of the smaller matrix side, the initial subspace comes from an exact
 # eigendecomposition of the Gram matrix (a resnet50 takes ~0.6 s); above it a Lanczos
@@ -638,10 +638,18 @@ class SpectralNorm(nn.Module):
             matrix = self._matrix(weight)
         block = self._buffers["_block"]
         assert block is not None
+        if block.shape[1] == matrix.shape[0]:
+            # The block can hold the whole row space: take it, W^T itself (the step solves
+            # on a basis that need not be orthonormal), and the step is exact, every time.
+            return [self._products(matrix, matrix.mT, exact=True)]
         return [self._products(matrix, block)]
 
-    def _products(self, matrix: Tensor, block: Tensor) -> BlockProducts:
-        """``Y = W B``, ``Z = W^T Y`` and their Grams, for the matrix ``W`` and block ``B``."""
+    def _products(self, matrix: Tensor, block: Tensor, *, exact: bool = False) -> BlockProducts:
+        """``Y = W B``, ``Z = W^T Y`` and their Grams, for the matrix ``W`` and block ``B``.
+
+        ``exact``: ``B`` spans the whole row space of ``W``, so the step is exact and is
+        never refreshed.
+        """
         with autocast_off(matrix.device):
             y = matrix @ block
             y_t = y.mT
@@ -653,13 +661,13 @@ class SpectralNorm(nn.Module):
         return BlockProducts(
             y,
             z,
-            self._finish,
+            self._finish_exact if exact else self._finish,
             options,
             self._commit,
             grams,
             block,
-            explore=lambda x: _explore(matrix, x),
-            restep=lambda other: self._products(matrix, other),
+            explore=None if exact else lambda x: _explore(matrix, x),
+            restep=None if exact else lambda other: self._products(matrix, other),
         )
 
     def _finish(self, y: Tensor, z: Tensor, row: RitzRow) -> list[tuple[Tensor, Tensor]]:
@@ -678,6 +686,11 @@ class SpectralNorm(nn.Module):
         else:
             self._fresh = None
         return [(state["_u"], u), (state["_v"], v), (state["_sigma"], sigma), (block, new_block)]
+
+    def _finish_exact(self, y: Tensor, z: Tensor, row: RitzRow) -> list[tuple[Tensor, Tensor]]:
+        # The block is not used (the row space is the basis): it stays as it is, rather
+        # than take an orthonormalization of W^T W W^T that rounding decides.
+        return [pair for pair in self._finish(y, z, row) if pair[0] is not self._buffers["_block"]]
 
     def _commit(self) -> None:
         if self._fresh is not None:

@@ -166,13 +166,18 @@ def test_ddp_broadcast_buffers_false_needs_identically_patched_ranks(
     ranks: list[Results],
 ) -> None:
     # With broadcast_buffers=False torch does not even broadcast buffers at wrapping: ranks
-    # that patched different weights keep different iteration states, although DDP keeps
-    # their parameters identical. This is why the README asks for the default.
+    # that patched different weights keep different iteration states for every weight the
+    # iteration tracks, although DDP keeps their parameters identical. This is why the docs
+    # ask for the default. The worker's model is small enough that every weight's row space
+    # fits in the block: those are solved from the weight alone at every step, so there the
+    # ranks' vectors agree, bitwise, whatever their seeds (the tracked blocks still differ).
     ranks = [rank["broadcast_buffers_false_seed_per_rank"] for rank in ranks]
     params = [k for k in ranks[0] if k.startswith("param:")]
     assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in params)
     vectors = [k for k in ranks[0] if k.endswith(("._u", "._v"))]
-    assert not all(torch.equal(ranks[0][k], ranks[1][k]) for k in vectors)
+    assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in vectors)
+    blocks = [k for k in ranks[0] if k.endswith("._block")]
+    assert not all(torch.equal(ranks[0][k], ranks[1][k]) for k in blocks)
 
 
 def test_ddp_training_goes_on_identically_after_exporting_midway(ranks: list[Results]) -> None:

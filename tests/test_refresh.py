@@ -73,6 +73,9 @@ def test_a_weight_that_jumps_is_held_at_the_target_at_the_same_step(
     assert exact_sigma(layer)["weight"] == pytest.approx(target, rel=HELD)
 
 
+@pytest.mark.xfail(
+    strict=True, reason="no refresh in operator mode yet (docs/design/engine.md, section 2)"
+)
 @FEWER
 @given(conv_layers(max_inputs=100), jumps, targets, st.integers(0, 2**31 - 1))
 def test_an_operator_that_jumps_is_held_at_the_target_at_the_same_step(
@@ -91,15 +94,15 @@ def test_an_operator_that_jumps_is_held_at_the_target_at_the_same_step(
 
 
 class _Refreshes:
-    """Counts the weights the engine refreshes (calls of ``krylov_block``)."""
+    """The estimators the engine refreshes (whose products reach ``krylov_block``)."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.count = 0
+        self.norms: set[int] = set()
         original = snpatch.engine.krylov_block
 
-        def counting(*args: object, **kwargs: object) -> torch.Tensor:
-            self.count += 1
-            return original(*args, **kwargs)  # type: ignore[arg-type]
+        def counting(item: snpatch.engine.BlockProducts, *args: object) -> torch.Tensor:
+            self.norms.add(id(item.finish.__self__))  # type: ignore[attr-defined]
+            return original(item, *args)  # type: ignore[arg-type]
 
         monkeypatch.setattr(snpatch.engine, "krylov_block", counting)
 
@@ -107,7 +110,7 @@ class _Refreshes:
 def test_only_the_weight_that_jumped_is_refreshed(monkeypatch: pytest.MonkeyPatch) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU())
-    model.append(nn.Linear(64, 10))
+    model.append(nn.Linear(64, 64))
     snpatch.apply_spectral_norm(model)
     refreshes = _Refreshes(monkeypatch)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
@@ -117,8 +120,8 @@ def test_only_the_weight_that_jumped_is_refreshed(monkeypatch: pytest.MonkeyPatc
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    assert refreshes.count == 0
+    assert refreshes.norms == set()
     _jump(model[2].parametrizations.weight.original, "spike", 5.0, torch.Generator())
     model(x)
-    assert refreshes.count == 1
+    assert refreshes.norms == {id(model[2].parametrizations.weight[0])}
     assert exact_sigma(model[2])["weight"] == pytest.approx(1.0, rel=HELD)
