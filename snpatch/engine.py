@@ -295,51 +295,80 @@ def krylov_block(item: BlockProducts, row: RitzRow, depth: int = REFRESH_DEPTH) 
     return torch.cat([top.unsqueeze(1), item.block[:, :-1]], 1)
 
 
-def _rows(result: Ritz, options: ScaleOptions | None, count: int) -> list[RitzRow]:
+def _rows(
+    result: Ritz, options: ScaleOptions | None, items: Sequence[BlockProducts]
+) -> list[RitzRow]:
+    """One :class:`RitzRow` per item, cut back to its block size where it was padded."""
+    count = len(items)
     scales: Sequence[Tensor | None] = (
         scale_of(result.sigma, *options).unbind() if options else [None] * count
     )
-    return [
-        RitzRow(*row)
-        for row in zip(
-            result.cu.unbind(),
-            result.cv.unbind(),
-            result.sigma.unbind(),
-            result.tau.unbind(),
-            result.factor.mT.unbind(),
-            scales,
-            strict=True,
-        )
-    ]
+    rows = []
+    width = result.cu.shape[-1]
+    for item, cu, cv, sigma, tau, factor, scale in zip(
+        items,
+        result.cu.unbind(),
+        result.cv.unbind(),
+        result.sigma.unbind(),
+        result.tau.unbind(),
+        result.factor.mT.unbind(),
+        scales,
+        strict=True,
+    ):
+        k = item.y.shape[1]
+        if k != width:
+            cu, cv, factor = cu[:k], cv[:k], factor[:k, :k]
+        rows.append(RitzRow(cu, cv, sigma, tau, factor, scale))
+    return rows
+
+
+def _padded(gram: Tensor, width: int, *, fill: bool) -> Tensor:
+    """``gram`` (k x k) as the leading block of a ``width x width`` matrix.
+
+    The rest is zero, with ``fill`` its diagonal the mean of ``gram``'s (so that the shift
+    :func:`ritz` takes from the trace keeps its scale): padded with a unit metric
+    (``Y^T Y``) and a zero operator (``Z^T Z``), the extra directions have Ritz value 0 and
+    the leading block's results are those of ``gram`` alone (a Cholesky factor's leading
+    block is the factor of the leading block).
+    """
+    k = gram.shape[-1]
+    if k == width:
+        return gram
+    out = gram.new_zeros(width, width)
+    out[:k, :k] = gram
+    if fill:
+        out.diagonal()[k:] = gram.diagonal().mean()
+    return out
 
 
 def _ritz_of(items: Sequence[BlockProducts]) -> Ritz:
-    gram_y = torch.stack([item.gram_y() for item in items])
-    gram_z = torch.stack([item.gram_z() for item in items])
+    """:func:`ritz` of the items, their Grams padded to the largest block among them."""
+    width = max(item.y.shape[1] for item in items)
+    gram_y = torch.stack([_padded(item.gram_y(), width, fill=True) for item in items])
+    gram_z = torch.stack([_padded(item.gram_z(), width, fill=False) for item in items])
     return ritz(gram_y, gram_z)
 
 
 def block_step(products: Sequence[BlockProducts]) -> None:
     """One step of every estimator in ``products``; the small linear algebra batched.
 
-    Estimators are batched by block size, dtype, device and scale options. The buffer
-    writes are one ``_foreach_copy_`` per batch.
+    Estimators are batched by dtype, device and scale options (smaller blocks padded to
+    the largest, see :func:`_padded`). The buffer writes are one ``_foreach_copy_`` per
+    batch.
 
     Where :func:`refreshes` allows it (the CPU), an estimator whose top Ritz vector has a
     relative residual above :data:`REFRESH_RESIDUAL` (:func:`residuals`: its weight moved
     too fast for one block step to follow) is stepped again, in the same call, from a
     :func:`krylov_block`; the weights that moved slowly cost nothing more.
     """
-    groups: dict[
-        tuple[int, torch.dtype, torch.device, ScaleOptions | None], list[BlockProducts]
-    ] = {}
+    groups: dict[tuple[torch.dtype, torch.device, ScaleOptions | None], list[BlockProducts]] = {}
     for item in products:
-        key = (item.y.shape[1], item.y.dtype, item.y.device, item.scale_options)
+        key = (item.y.dtype, item.y.device, item.scale_options)
         groups.setdefault(key, []).append(item)
-    for (_, _, device, options), items in groups.items():
+    for (_, device, options), items in groups.items():
         with autocast_off(device):
             result = _ritz_of(items)
-            rows = _rows(result, options, len(items))
+            rows = _rows(result, options, items)
             if refreshes(device):
                 _refresh(items, rows, residuals(result), options)
             copies: list[tuple[Tensor, Tensor]] = []
@@ -383,7 +412,7 @@ def _refresh(
             assert restep is not None
             redone.append(restep(krylov_block(items[i], rows[i])))
         result = _ritz_of(redone)
-        new_rows = _rows(result, options, len(redone))
+        new_rows = _rows(result, options, redone)
         for i, item, row in zip(flagged, redone, new_rows, strict=True):
             items[i], rows[i] = item, row
         after = result.sigma.tolist()

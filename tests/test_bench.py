@@ -70,8 +70,8 @@ def test_bench_mlp_json_reports_every_figure() -> None:
     memory = report["memory"]
     assert memory["normalized_weights"] == 8
     assert memory["weight_bytes"] == 8 * 512 * 512 * 4
-    # State per 512 x 512 weight: u, v (torch's), a block of 8 vectors, sigma; float32.
-    assert memory["snpatch_state_bytes_per_weight"] == (512 + 512 + 8 * 512 + 1) * 4
+    # State per 512 x 512 weight: u, v (torch's), a block of 16 vectors, sigma; float32.
+    assert memory["snpatch_state_bytes_per_weight"] == (512 + 512 + 16 * 512 + 1) * 4
     assert memory["torch_state_bytes"] == 8 * (512 + 512) * 4
     assert memory["snpatch_eval_cache_bytes"] == memory["weight_bytes"]  # eval only
     errors = report["sigma_error"]

@@ -109,7 +109,10 @@ def test_compiled_checkpointed_blocks_first_step_is_exact() -> None:
 
 
 @pytest.mark.xfail(
-    strict=True,
+    # Not strict since the block of 16: on this model the estimate is converged, so one
+    # power step further moves sigma by less than the test's tolerance, and the bug is
+    # usually invisible here (it passed on 2026-12-01).
+    strict=False,
     reason="torch 2.14 AOTAutograd recomputes the checkpointed region's reads of the buffers "
     "after the forward has updated them (pytorch/pytorch PR 197039, open), so the recomputed "
     "sigma is one power step further on: gradients off by up to 4e-3 relative (inductor, "

@@ -148,9 +148,10 @@ class Checkpointed(nn.Module):
     def __init__(self, use_reentrant: bool | None) -> None:
         super().__init__()
         self.use_reentrant = use_reentrant
-        self.block1 = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh())
+        # (32 x 32: larger than the block, so that its estimate is tracked, not exact)
+        self.block1 = nn.Sequential(nn.Linear(6, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh())
         self.block2 = nn.Sequential(nn.Conv1d(1, 4, 3, padding=1), nn.Tanh(), nn.Flatten())
-        self.head = nn.Linear(64, 3)
+        self.head = nn.Linear(128, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for block in (self.block1, lambda h: self.block2(h.unsqueeze(1))):
