@@ -258,22 +258,21 @@ def refreshes(device: torch.device) -> bool:
 
 
 def krylov_block(item: BlockProducts, row: RitzRow, depth: int = REFRESH_DEPTH) -> Tensor:
-    """A block holding the top right singular vector of a Krylov space, for a refresh.
+    """A block holding the top of a Krylov space, for a refresh.
 
     The space is the block plus ``v, A v, ..., A^depth v`` (``A = W^T W``, ``v`` the step's
     right vector), each new vector orthogonalized against those before it (twice, as
     classical Gram-Schmidt needs in floating point: a plain power basis is too
-    ill-conditioned for its Grams), and read with ``depth + 1`` matrix-vector pairs. Its
-    Rayleigh-Ritz step (:func:`ritz`, on the products already computed) gives the top
-    right vector ``v*``, which replaces the block's last column (the one furthest down the
-    spectrum: the block is orthonormalized in column order). The estimator's products on
-    that block (``item.restep``) are the refreshed step. Runs on the CPU only (it reads
-    norms on the host, see :func:`refreshes`).
+    ill-conditioned for its Grams), read with ``depth + 1`` matrix-vector pairs. The new
+    block is the space's ``k`` top Ritz vectors (a thick restart: a second refresh goes on
+    from all of them, not from one vector). The estimator's products on that block
+    (``item.restep``) are the refreshed step. Runs on the CPU only (it reads norms on the
+    host and uses ``eigh``, see :func:`refreshes`).
     """
     assert item.block is not None
     assert item.explore is not None
     tiny = torch.finfo(item.z.dtype).tiny
-    basis, ys, zs = [item.block], [item.y], [item.z]
+    basis, ys = [item.block], [item.y]
     x = torch.mv(item.z, row.cv)
     for _ in range(depth + 1):
         known = torch.cat(basis, 1)
@@ -287,12 +286,16 @@ def krylov_block(item: BlockProducts, row: RitzRow, depth: int = REFRESH_DEPTH) 
         wx, ax = item.explore(x)
         basis.append(x.unsqueeze(1))
         ys.append(wx.unsqueeze(1))
-        zs.append(ax.unsqueeze(1))
         x = ax
-    y, z = torch.cat(ys, 1), torch.cat(zs, 1)
-    best = ritz((y.mT @ y).unsqueeze(0), (z.mT @ z).unsqueeze(0))
-    top = torch.mv(z, best.cv[0])
-    return torch.cat([top.unsqueeze(1), item.block[:, :-1]], 1)
+    # Rayleigh-Ritz of A on the (orthonormal) space: its Gram is Y^T Y. The new block is
+    # the space's top k Ritz vectors (eigh: this runs on the CPU only), a thick restart.
+    space = torch.cat(basis, 1)
+    y = torch.cat(ys, 1).double()
+    _, vectors = torch.linalg.eigh(y.mT @ y)
+    k = item.block.shape[1]
+    top = vectors[:, -k:].flip(-1).to(space.dtype)
+    block: Tensor = space @ top
+    return block
 
 
 def _rows(
