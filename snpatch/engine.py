@@ -293,9 +293,11 @@ def krylov_block(item: BlockProducts, row: RitzRow, depth: int = REFRESH_DEPTH) 
     y = torch.cat(ys, 1).double()
     _, vectors = torch.linalg.eigh(y.mT @ y)
     k = item.block.shape[1]
-    top = vectors[:, -k:].flip(-1).to(space.dtype)
-    block: Tensor = space @ top
-    return block
+    block = space @ vectors[:, -k:].flip(-1).to(space.dtype)
+    # Signs fixed (each column's largest entry positive): eigh's are arbitrary.
+    largest = block.abs().argmax(0, keepdim=True)
+    signed: Tensor = block * torch.take_along_dim(block, largest, 0).sign()
+    return signed
 
 
 def _rows(
