@@ -30,7 +30,7 @@ from ._compat import (
     unwrap_hook,
 )
 from .distributed import check_not_wrapped, gathered
-from .engine import Cohort, installed, original_tensor
+from .engine import Cohort, installed, original_tensor, step_norms
 from .errors import (
     AlreadyPatchedError,
     InvalidArgumentError,
@@ -899,6 +899,7 @@ def update_sigma(model: T_module, steps: int | None = None) -> T_module:
     if steps is not None and steps < 1:
         raise InvalidArgumentError(f"steps must be >= 1 (or None for exact), got {steps}")
     layers = select_from(module, list(patched_layers(module).items()), None, None, what="patched")
+    pending: list[tuple[SpectralNorm, Tensor]] = []
     for _, layer in layers:
         hook = _hook(layer)
         assert hook is not None
@@ -906,7 +907,9 @@ def update_sigma(model: T_module, steps: int | None = None) -> T_module:
             if steps is None:
                 norm.converge(original)
             else:
-                full = gathered(original)  # sharded by fully_shard: every rank calls this
-                for _ in range(steps):
-                    norm.power_step(full)
+                # (sharded by fully_shard: every rank calls this)
+                pending.append((norm, gathered(original)))
+    # Batched together, as a training step batches them: the same results, to the bit.
+    for _ in range(steps or 0):
+        step_norms(pending)
     return model
