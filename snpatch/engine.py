@@ -17,6 +17,12 @@ There is no QR, SVD or eigendecomposition: PyTorch's ``linalg.svd``, ``eigh`` an
 is batched over every weight of a :class:`Cohort` (the weights one
 :func:`snpatch.apply_spectral_norm` call patched), so a training step issues a fixed number
 of small launches for the whole model, plus the products with each weight.
+
+On the CPU, where reading a value on the host costs nothing, a step whose weight moved too
+fast for it (the top Ritz vector's residual, from the same Grams, above
+:data:`REFRESH_RESIDUAL`) is redone in the same call on a Krylov space
+(:func:`krylov_block`); on an accelerator that decision would synchronize, so there the step
+is the sync-free one alone (``docs/design/engine.md``, section 2).
 """
 
 from __future__ import annotations
