@@ -106,6 +106,22 @@ def _exact_sigma(weight: Tensor, dim: int) -> float:
     return float(torch.linalg.svdvals(weight_to_matrix(weight.detach().double(), dim))[0])
 
 
+class _Worst:
+    """The worst error over a run, where and when it happened, and the weights ever > 0.5%."""
+
+    def __init__(self) -> None:
+        self.error, self.where, self.when, self.off = 0.0, "", -1, set[str]()
+
+    def add(self, key: str, error: float, step: int) -> None:
+        if error > 5e-3:
+            self.off.add(key)
+        if error > self.error:
+            self.error, self.where, self.when = error, key, step
+
+    def result(self) -> tuple[float, str, int, int]:
+        return self.error, self.where, self.when, len(self.off)
+
+
 def run_digits_operator() -> tuple[float, str, int, int]:
     """:func:`run` for the operator-mode case (issue 14's digits reproduction)."""
     from sklearn.datasets import load_digits
@@ -127,7 +143,7 @@ def run_digits_operator() -> tuple[float, str, int, int]:
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     generator = torch.Generator().manual_seed(2)
     model.train()
-    worst, where, when, off, step = 0.0, "", -1, set(), 0
+    worst, step = _Worst(), 0
     for _ in range(5):
         for batch in torch.randperm(len(images), generator=generator).split(64):
             with parametrize.cached():
@@ -136,16 +152,12 @@ def run_digits_operator() -> tuple[float, str, int, int]:
                     used = {key: conv.weight.clone() for key, conv in convs.items()}
             for key, weight in used.items():
                 norm = operator_norm(ConvSpec.of(convs[key]), weight.double(), (8, 8))
-                error = abs(norm - 1.0)
-                if error > 5e-3:
-                    off.add(key)
-                if error > worst:
-                    worst, where, when = error, key, step
+                worst.add(key, abs(norm - 1.0), step)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             step += 1
-    return worst, where, when, len(off)
+    return worst.result()
 
 
 def run(case: Case, variant: str) -> tuple[float, str, int, int]:
@@ -158,7 +170,7 @@ def run(case: Case, variant: str) -> tuple[float, str, int, int]:
     fixed = torch.randn(case.batch, generator=generator)
     labels = torch.randint(0, 10, (case.batch[0],), generator=generator)
     model.train()
-    worst, where, when, off = 0.0, "", -1, set()
+    worst = _Worst()
     for step in range(case.steps):
         if case.fixed_batch:
             x, y = fixed, labels
@@ -170,15 +182,11 @@ def run(case: Case, variant: str) -> tuple[float, str, int, int]:
             with torch.no_grad():
                 used = {key: getattr(o, n).clone() for key, (o, n, _) in targets.items()}
         for key, weight in used.items():
-            error = abs(_exact_sigma(weight, targets[key][2]) - 1.0)
-            if error > 5e-3:
-                off.add(key)
-            if error > worst:
-                worst, where, when = error, key, step
+            worst.add(key, abs(_exact_sigma(weight, targets[key][2]) - 1.0), step)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    return worst, where, when, len(off)
+    return worst.result()
 
 
 def main() -> None:

@@ -1061,24 +1061,21 @@ class OperatorNorm(SpectralNorm):
         return self._operator_products(weight)
 
     def _operator_products(self, weight: Tensor) -> list[BlockProducts]:
-        """``Y = A X`` and ``Z = A^T Y`` for the block ``X`` of input-shaped vectors."""
-        with torch.autocast(weight.device.type, enabled=False):
-            w = self._state(weight)
-        return [self._block_products(w, self._op_block)]
+        """``Y = A X`` and ``Z = A^T Y`` for the block ``X`` of input-shaped vectors.
 
-    def _block_products(self, w: Tensor, block: Tensor) -> BlockProducts:
+        No refresh (``explore``, ``restep``) in operator mode yet: it held the jump tests,
+        but its thresholded decisions made FSDP's ranks and one process (whose weights
+        differ by rounding) end 1e-5 apart; and its measured failure is not a fast move but
+        a crossing no residual sees (docs/design/engine.md, section 2).
+        """
         assert self.conv is not None
         conv = self.conv
-        size = block.shape[2:]
-        with torch.autocast(w.device.type, enabled=False):
+        block = self._op_block
+        with torch.autocast(weight.device.type, enabled=False):
+            w = self._state(weight)
             out = conv.apply(block, w)
-            back = conv.adjoint(out, w, size)
-
-        # No refresh (``explore``, ``restep``) in operator mode yet: it held the jump tests,
-        # but its thresholded decisions made FSDP's ranks and one process (whose weights
-        # differ by rounding) end 1e-5 apart; and its measured failure is not a fast move
-        # but a crossing no residual sees (docs/design/engine.md, section 2).
-        return BlockProducts(out.flatten(1).mT, back.flatten(1).mT, self._finish_operator)
+            back = conv.adjoint(out, w, block.shape[2:])
+        return [BlockProducts(out.flatten(1).mT, back.flatten(1).mT, self._finish_operator)]
 
     def _finish_operator(self, y: Tensor, z: Tensor, row: RitzRow) -> list[tuple[Tensor, Tensor]]:
         block = self._op_block

@@ -671,13 +671,22 @@ class SpectralNorm(nn.Module):
         )
 
     def _finish(self, y: Tensor, z: Tensor, row: RitzRow) -> list[tuple[Tensor, Tensor]]:
+        state = cast(dict[str, Tensor], self._buffers)
+        block = state["_block"]
+        return [*self._finish_vectors(y, z, row), (block, next_block(z, block, row))]
+
+    def _finish_exact(self, y: Tensor, z: Tensor, row: RitzRow) -> list[tuple[Tensor, Tensor]]:
+        # The block is not used (the row space is the basis): it stays as it is, rather
+        # than take an orthonormalization of W^T W W^T that rounding decides.
+        return self._finish_vectors(y, z, row)
+
+    def _finish_vectors(self, y: Tensor, z: Tensor, row: RitzRow) -> list[tuple[Tensor, Tensor]]:
+        """The step's ``u``, ``v`` and ``sigma`` (to be copied into the buffers), kept fresh."""
         # (The buffers are read from ``_buffers``: nn.Module.__getattr__ costs a small
         # layer's step several microseconds.)
         state = cast(dict[str, Tensor], self._buffers)
-        block = state["_block"]
         u = torch.mv(y, row.cu)
         v = torch.mv(z, row.cv)
-        new_block = next_block(z, block, row)
         sigma = row.sigma
         if row.scale is not None and not torch.compiler.is_compiling():
             # What the training forwards of this value divide by: new tensors, which later
@@ -685,12 +694,7 @@ class SpectralNorm(nn.Module):
             self._fresh = (u, v, sigma, row.scale, (self.lipschitz, self.mode, self.eps))
         else:
             self._fresh = None
-        return [(state["_u"], u), (state["_v"], v), (state["_sigma"], sigma), (block, new_block)]
-
-    def _finish_exact(self, y: Tensor, z: Tensor, row: RitzRow) -> list[tuple[Tensor, Tensor]]:
-        # The block is not used (the row space is the basis): it stays as it is, rather
-        # than take an orthonormalization of W^T W W^T that rounding decides.
-        return [pair for pair in self._finish(y, z, row) if pair[0] is not self._buffers["_block"]]
+        return [(state["_u"], u), (state["_v"], v), (state["_sigma"], sigma)]
 
     def _commit(self) -> None:
         if self._fresh is not None:
