@@ -73,9 +73,18 @@ REFRESH_ROUNDS = 4
 #: A refresh whose estimate rose by more than this (relative) is not converged yet.
 REFRESH_RISE = 1e-3
 
+#: Blocks of up to this many vectors are batched together (the smaller padded); a wider
+#: one (an operator solved exactly on a basis of up to 64 vectors) only with blocks of its
+#: own width: padding the others up to it would cost more than it saves.
+SHARED_WIDTH = 16
+
 #: Squarings of the whitened ``k x k`` problem: ``M^(2^8)`` leaves a second eigenvalue
 #: 0.98 of the first (singular values 1% apart) at 0.6% of it, for a sigma error of ~1e-7.
 SQUARINGS = 8
+#: Squarings for an estimator that asks to be exact (``BlockProducts.squarings``): ``2^16``
+#: resolves top singular values 1e-5 apart, where ``SQUARINGS`` leaves pairs 0.5% apart
+#: mixed (a small operator's or a circulant's, solved on its whole space, have such pairs).
+EXACT_SQUARINGS = 16
 
 
 def _constants(dtype: torch.dtype) -> tuple[float, float]:
@@ -97,14 +106,14 @@ def _with_shift(
     """``gram + (rel * trace + tiny + extra) I`` (``extra`` per batch entry)."""
     shifted = gram if inplace else gram.clone()
     diagonal = shifted.diagonal(dim1=-2, dim2=-1)
-    shift = diagonal.sum(-1, keepdim=True).mul_(rel).add_(tiny)
+    shift = diagonal.real.sum(-1, keepdim=True).mul_(rel).add_(tiny)
     if extra is not None:
         shift.add_(extra.unsqueeze(-1))
     diagonal.add_(shift)
     return shifted
 
 
-def _top_eigenvector(m: Tensor) -> Tensor:
+def _top_eigenvector(m: Tensor, squarings: int = SQUARINGS) -> Tensor:
     """Top eigenvectors (L, k, 1), unnormalized, of symmetric positive semi-definite ``m``.
 
     Repeated squaring (``m^(2^SQUARINGS)``, rescaled every fourth squaring so that nothing
@@ -117,11 +126,11 @@ def _top_eigenvector(m: Tensor) -> Tensor:
     power = m / (torch.linalg.matrix_norm(m, keepdim=True) + tiny)
     # A zero matrix (a zero weight) still gets a non-zero vector.
     power.diagonal(dim1=-2, dim2=-1).add_(rel)
-    for i in range(SQUARINGS):
+    for i in range(squarings):
         power = torch.bmm(power, power)
-        if i % 4 == 3 and i + 1 < SQUARINGS:  # (the result's scale does not matter)
+        if i % 4 == 3 and i + 1 < squarings:  # (the result's scale does not matter)
             power = power / (torch.linalg.matrix_norm(power, keepdim=True) + tiny)
-    column = power.diagonal(dim1=-2, dim2=-1).argmax(-1, keepdim=True)
+    column = power.diagonal(dim1=-2, dim2=-1).real.argmax(-1, keepdim=True)
     return torch.take_along_dim(power, column.unsqueeze(-2), dim=-1)
 
 
@@ -142,12 +151,17 @@ class Ritz:
     factor: Tensor
 
 
-def ritz(gram_y: Tensor, gram_z: Tensor) -> Ritz:
+def _adjoint(x: Tensor) -> Tensor:
+    """``x^T`` (``x^H`` for complex ``x``) of a batch of matrices."""
+    return x.mH if x.is_complex() else x.mT
+
+
+def ritz(gram_y: Tensor, gram_z: Tensor, squarings: int = SQUARINGS) -> Ritz:
     """The Rayleigh-Ritz step of ``k`` vectors from their Grams, batched (see the module).
 
     Args:
-        gram_y: ``Y^T Y`` (L, k, k) where ``Y = A B``.
-        gram_z: ``Z^T Z`` (L, k, k) where ``Z = A^T Y``.
+        gram_y: ``Y^T Y`` (L, k, k) where ``Y = A B`` (``Y^H Y`` for complex blocks).
+        gram_z: ``Z^T Z`` (L, k, k) where ``Z = A^T Y`` (``Z^H Z``, ``Z = A^H Y``).
 
     The next block is ``Z`` orthonormalized through the Cholesky factor of its (shifted)
     Gram; for a zero weight (``Z == 0``) it is ``Z + B = B`` (``tau = 1``, else 0), so
@@ -157,18 +171,24 @@ def ritz(gram_y: Tensor, gram_z: Tensor) -> Ritz:
     rel, tiny = _constants(gram_y.dtype)
     chol_y = torch.linalg.cholesky_ex(_with_shift(gram_y, rel, tiny))[0]
     half = torch.linalg.solve_triangular(chol_y, gram_z, upper=False)
-    whitened = torch.linalg.solve_triangular(chol_y, half.mT, upper=False)
-    c = torch.linalg.solve_triangular(chol_y.mT, _top_eigenvector(whitened), upper=True)
+    whitened = torch.linalg.solve_triangular(chol_y, _adjoint(half), upper=False)
+    top = _top_eigenvector(whitened, squarings)
+    c = torch.linalg.solve_triangular(_adjoint(chol_y), top, upper=True)
     # |Y c| and |Z c| from the quadratic forms c^T G c, both Grams in one product.
     both = torch.cat([c, c])
-    norms = (both * torch.bmm(torch.cat([gram_y, gram_z]), both)).sum(-2, keepdim=True)
+    products = torch.bmm(torch.cat([gram_y, gram_z]), both)
+    if both.is_complex():
+        norms = (both.conj() * products).real.sum(-2, keepdim=True)
+    else:
+        norms = (both * products).sum(-2, keepdim=True)
     norm_y, norm_z = norms.clamp_min(0).sqrt().chunk(2)
     norm_y = norm_y.clamp_min(tiny)
     sigma = (norm_z / norm_y).flatten()
     cu = (c / norm_y).squeeze(-1)
     cv = (c / norm_z.clamp_min(tiny)).squeeze(-1)
     # A zero weight (Z == 0) keeps its block as it is: tau = 1, and the Gram of Z + B is I.
-    tau = (gram_z.diagonal(dim1=-2, dim2=-1).sum(-1) == 0).to(gram_z.dtype)
+    trace = gram_z.diagonal(dim1=-2, dim2=-1).real.sum(-1)
+    tau = (trace == 0).to(trace.dtype)
     factor = torch.linalg.cholesky_ex(_with_shift(gram_z, rel, tiny, tau, inplace=True))[0]
     return Ritz(cu, cv, sigma, tau, factor)
 
@@ -195,7 +215,11 @@ ScaleOptions = tuple[float, bool, float]
 class BlockProducts:
     """One estimator's half of a step: its block's images ``Y = A B`` and ``Z = A^T Y``.
 
-    ``y`` is ``m x k`` and ``z`` ``n x k`` (the block's vectors as columns).
+    ``y`` is ``m x k`` and ``z`` ``n x k`` (the block's vectors as columns). A batched
+    item holds ``L`` independent problems at once, ``y`` ``(L, m, k)`` and ``z``
+    ``(L, n, k)`` (complex allowed: then ``A^H``), and gets one :class:`RitzRow` with a
+    batch axis (an operator that is a direct sum, e.g. a circular convolution's
+    frequencies); it is never refreshed.
     ``finish(y, z, row)`` writes the estimator's new state from its :class:`RitzRow` and
     returns the ``(buffer, value)`` pairs to be copied with the batch; ``commit()``, if
     given, runs after those copies.
@@ -214,12 +238,14 @@ class BlockProducts:
     explore: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None
     #: The estimator's products for another block (``n x k`` columns) of the same weight.
     restep: Callable[[Tensor], BlockProducts] | None = None
+    #: Squarings of the top eigenvector's solve (items are batched by it).
+    squarings: int = SQUARINGS
 
     def gram_y(self) -> Tensor:
-        return self.grams[0] if self.grams is not None else self.y.mT @ self.y
+        return self.grams[0] if self.grams is not None else _adjoint(self.y) @ self.y
 
     def gram_z(self) -> Tensor:
-        return self.grams[1] if self.grams is not None else self.z.mT @ self.z
+        return self.grams[1] if self.grams is not None else _adjoint(self.z) @ self.z
 
 
 def next_block(z: Tensor, block: Tensor, row: RitzRow) -> Tensor:
@@ -309,7 +335,13 @@ def krylov_block(item: BlockProducts, row: RitzRow, depth: int = REFRESH_DEPTH) 
 def _rows(
     result: Ritz, options: ScaleOptions | None, items: Sequence[BlockProducts]
 ) -> list[RitzRow]:
-    """One :class:`RitzRow` per item, cut back to its block size where it was padded."""
+    """One :class:`RitzRow` per item, cut back to its block size where it was padded.
+
+    A batched item (products of shape ``(L, m, k)``, see :class:`BlockProducts`) gets its
+    ``L`` rows in one :class:`RitzRow` whose fields keep the batch axis.
+    """
+    if any(item.y.dim() == 3 for item in items):
+        return _batched_rows(result, options, items)
     count = len(items)
     scales: Sequence[Tensor | None] = (
         scale_of(result.sigma, *options).unbind() if options else [None] * count
@@ -333,6 +365,35 @@ def _rows(
     return rows
 
 
+def _batched_rows(
+    result: Ritz, options: ScaleOptions | None, items: Sequence[BlockProducts]
+) -> list[RitzRow]:
+    """:func:`_rows` where some items are batched: each item's rows as one :class:`RitzRow`."""
+    scale = scale_of(result.sigma, *options) if options else None
+    factor_t = _adjoint(result.factor)
+    rows, start = [], 0
+    for item in items:
+        k = item.y.shape[-1]
+        count = item.y.shape[0] if item.y.dim() == 3 else 1
+        end = start + count
+        if item.y.dim() == 3:
+            pick: slice | int = slice(start, end)
+        else:
+            pick = start
+        rows.append(
+            RitzRow(
+                result.cu[pick, ..., :k],
+                result.cv[pick, ..., :k],
+                result.sigma[pick],
+                result.tau[pick],
+                factor_t[pick, ..., :k, :k],
+                None if scale is None else scale[pick],
+            )
+        )
+        start = end
+    return rows
+
+
 def _padded(gram: Tensor, width: int, *, fill: bool) -> Tensor:
     """``gram`` (k x k) as the leading block of a ``width x width`` matrix.
 
@@ -345,42 +406,57 @@ def _padded(gram: Tensor, width: int, *, fill: bool) -> Tensor:
     k = gram.shape[-1]
     if k == width:
         return gram
-    out = gram.new_zeros(width, width)
-    out[:k, :k] = gram
+    out = gram.new_zeros(*gram.shape[:-2], width, width)
+    out[..., :k, :k] = gram
     if fill:
-        out.diagonal()[k:] = gram.diagonal().mean()
+        diagonal = gram.diagonal(dim1=-2, dim2=-1)
+        out.diagonal(dim1=-2, dim2=-1)[..., k:] = diagonal.mean(-1, keepdim=True)
     return out
 
 
 def _ritz_of(items: Sequence[BlockProducts]) -> Ritz:
     """:func:`ritz` of the items, their Grams padded to the largest block among them."""
-    width = max(item.y.shape[1] for item in items)
-    gram_y = torch.stack([_padded(item.gram_y(), width, fill=True) for item in items])
-    gram_z = torch.stack([_padded(item.gram_z(), width, fill=False) for item in items])
-    return ritz(gram_y, gram_z)
+    width = max(item.y.shape[-1] for item in items)
+    if any(item.y.dim() == 3 for item in items):
+        gram_y = torch.cat([_batch(_padded(item.gram_y(), width, fill=True)) for item in items])
+        gram_z = torch.cat([_batch(_padded(item.gram_z(), width, fill=False)) for item in items])
+    else:
+        gram_y = torch.stack([_padded(item.gram_y(), width, fill=True) for item in items])
+        gram_z = torch.stack([_padded(item.gram_z(), width, fill=False) for item in items])
+    return ritz(gram_y, gram_z, max(item.squarings for item in items))
+
+
+def _batch(gram: Tensor) -> Tensor:
+    """``gram`` with a leading batch axis (one item's ``(k, k)`` Gram becomes ``(1, k, k)``)."""
+    return gram if gram.dim() == 3 else gram.unsqueeze(0)
 
 
 def block_step(products: Sequence[BlockProducts]) -> None:
     """One step of every estimator in ``products``; the small linear algebra batched.
 
     Estimators are batched by dtype, device and scale options (smaller blocks padded to
-    the largest, see :func:`_padded`). The buffer writes are one ``_foreach_copy_`` per
-    batch.
+    the largest, see :func:`_padded`; blocks wider than :data:`SHARED_WIDTH` by width) and
+    by the squarings they ask for.
+    The buffer writes are one ``_foreach_copy_`` per batch.
 
     Where :func:`refreshes` allows it (the CPU), an estimator whose top Ritz vector has a
     relative residual above :data:`REFRESH_RESIDUAL` (:func:`residuals`: its weight moved
     too fast for one block step to follow) is stepped again, in the same call, from a
     :func:`krylov_block`; the weights that moved slowly cost nothing more.
     """
-    groups: dict[tuple[torch.dtype, torch.device, ScaleOptions | None], list[BlockProducts]] = {}
+    groups: dict[
+        tuple[torch.dtype, torch.device, ScaleOptions | None, int, int], list[BlockProducts]
+    ] = {}
     for item in products:
-        key = (item.y.dtype, item.y.device, item.scale_options)
+        width = item.y.shape[-1]
+        shared = 0 if width <= SHARED_WIDTH else width
+        key = (item.y.dtype, item.y.device, item.scale_options, shared, item.squarings)
         groups.setdefault(key, []).append(item)
-    for (_, device, options), items in groups.items():
+    for (_, device, options, _, _), items in groups.items():
         with autocast_off(device):
             result = _ritz_of(items)
             rows = _rows(result, options, items)
-            if refreshes(device):
+            if refreshes(device) and all(item.y.dim() == 2 for item in items):
                 _refresh(items, rows, residuals(result), options)
             copies: list[tuple[Tensor, Tensor]] = []
             for item, row in zip(items, rows, strict=True):

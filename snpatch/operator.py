@@ -55,7 +55,7 @@ from torch import Tensor, nn
 
 from ._compat import ConvNd, conv_pad, version_counter
 from .distributed import gathered, sharded_like
-from .engine import BlockProducts, RitzRow, block_step, next_block, scale_of
+from .engine import EXACT_SQUARINGS, BlockProducts, RitzRow, block_step, next_block, scale_of
 from .parametrization import (
     _LANCZOS_MAX_STEPS,
     _LOW_PRECISION,
@@ -70,7 +70,10 @@ from .parametrization import (
 )
 
 __all__ = [
+    "EXACT_CIRCULANT_WIDTH",
+    "EXACT_OPERATOR_SIZE",
     "OPERATOR_BLOCK_SIZE",
+    "Circulant",
     "ConvSpec",
     "OperatorNorm",
     "certified_divisor",
@@ -828,8 +831,129 @@ def linear_maps(
     return apply, adjoint, math.prod(shape)
 
 
+@dataclass(frozen=True)
+class Circulant:
+    """A circular convolution that is exactly a (strided) circulant on its input size.
+
+    That holds when every dimension's total padding is the kernel's extent minus one (the
+    output has one row per stride) and the stride divides the size. Then the unitary DFTs
+    of input and output make the operator block-diagonal: one small block per group and
+    per output frequency ``m``, mapping the group's input channels at the input frequencies
+    that alias onto ``m`` (``m + j n / s`` for ``j < s`` per dimension, the polyphase form of
+    :func:`_symbol`) to its output channels at ``m``. The operator norm is the largest of
+    the blocks' norms, so each block can be tracked on its own (:class:`OperatorNorm`).
+
+    The methods move a batch of ``K`` input- or output-shaped spectra ``(K, C, *size)``
+    to and from these blocks, ``(bins, rows, K)`` with ``bins = groups * prod(size / s)``.
+    """
+
+    groups: int
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+
+    @classmethod
+    def of(cls, spec: ConvSpec, weight: Tensor, size: Sequence[int]) -> Circulant | None:
+        """The splitting of ``spec`` on ``size``, or None where the layer is not a circulant."""
+        if spec.transposed or spec.padding_mode != "circular":
+            return None
+        extent = _kernel_extent(weight, spec)
+        for n, total, e, s in zip(size, spec.total_padding(), extent, spec.stride, strict=True):
+            if total != e - 1 or n % s:
+                return None
+        return cls(spec.groups, tuple(size), spec.stride)
+
+    @property
+    def _ndim(self) -> int:
+        return len(self.size)
+
+    def _split(self) -> list[int]:
+        """Each dimension ``n`` as ``(s, n / s)``: frequency ``j n / s + m`` at ``(j, m)``."""
+        return [d for n, s in zip(self.size, self.stride, strict=True) for d in (s, n // s)]
+
+    def _input_order(self) -> list[int]:
+        """``(K, G, b, j0, m0, j1, m1, ...)`` to ``(G, m0, m1, ..., b, j0, j1, ..., K)``."""
+        nd = self._ndim
+        return [1, *(4 + 2 * i for i in range(nd)), 2, *(3 + 2 * i for i in range(nd)), 0]
+
+    def inputs(self, spectra: Tensor) -> Tensor:
+        """Input spectra ``(K, C, *size)`` as ``(bins, b * phases, K)``."""
+        k, channels = spectra.shape[:2]
+        g = self.groups
+        split = spectra.reshape(k, g, channels // g, *self._split())
+        placed = split.permute(*self._input_order())
+        return placed.reshape(g * math.prod(placed.shape[1 : 1 + self._ndim]), -1, k)
+
+    def inputs_back(self, bins: Tensor, channels: int) -> Tensor:
+        """The inverse of :meth:`inputs`: ``(bins, b * phases, K)`` to ``(K, C, *size)``."""
+        k = bins.shape[-1]
+        g = self.groups
+        split = self._split()
+        coarse = split[1::2]
+        shape = [g, *coarse, channels // g, *split[0::2], k]
+        order = self._input_order()
+        inverse = [order.index(i) for i in range(len(order))]
+        return bins.reshape(shape).permute(*inverse).reshape(k, channels, *self.size)
+
+    def outputs(self, spectra: Tensor) -> Tensor:
+        """Output spectra ``(K, O, *size / stride)`` as ``(bins, O / groups, K)``."""
+        k, channels = spectra.shape[:2]
+        g = self.groups
+        grouped = spectra.reshape(k, g, channels // g, *spectra.shape[2:])
+        nd = self._ndim
+        placed = grouped.permute(1, *range(3, 3 + nd), 2, 0)
+        return placed.reshape(-1, channels // g, k)
+
+    def width(self, channels: int, out_channels: int) -> int:
+        """The dimension of a block: its input or its output size, whichever is smaller."""
+        g = self.groups
+        return min(channels // g * math.prod(self.stride), out_channels // g)
+
+    def input_units(self, channels: int, like: Tensor) -> Tensor:
+        """``b * phases`` input fields whose spectra span every block's input space.
+
+        Field ``(i, p)`` is a unit impulse at position ``p`` of the first stride cell in
+        channel ``i`` of every group: its spectrum at the aliases ``m + j n / s`` of any
+        ``m`` is a phase times a DFT row of ``p``, so together they are a basis there.
+        """
+        b = channels // self.groups
+        count = b * math.prod(self.stride)
+        cells = torch.eye(count, dtype=like.dtype, device=like.device)
+        cells = cells.reshape(count, 1, b, *self.stride).expand(
+            count, self.groups, -1, *self.stride
+        )
+        return _zero_extended(cells.reshape(count, channels, *self.stride), self.size)
+
+    def output_units(self, out_channels: int, like: Tensor) -> Tensor:
+        """``O / groups`` output fields: a unit impulse at the origin in channel ``j`` of
+        every group (a flat spectrum: the identity on every block's output space, scaled).
+        """
+        a = out_channels // self.groups
+        ones = [1] * self._ndim
+        units = torch.eye(a, dtype=like.dtype, device=like.device)
+        units = units.reshape(a, 1, a, *ones).expand(a, self.groups, a, *ones)
+        out = tuple(n // s for n, s in zip(self.size, self.stride, strict=True))
+        return _zero_extended(units.reshape(a, out_channels, *ones), out)
+
+
+def _zero_extended(x: Tensor, size: Sequence[int]) -> Tensor:
+    """``x`` (batch, C, *small) with zeros after its end in each spatial dimension to ``size``."""
+    small = x.shape[2:]
+    pads = [p for n, m in zip(size[::-1], small[::-1], strict=True) for p in (0, n - m)]
+    return F.pad(x, pads)
+
+
 #: Input-shaped vectors tracked per convolution in operator mode (see docs/lipschitz.md).
 OPERATOR_BLOCK_SIZE = 4
+#: An operator with at most this many inputs or outputs is solved exactly at every step
+#: (on a basis of its whole input space, or of its row space): a block of that size costs
+#: little, and a smaller one would miss crossings within it.
+EXACT_OPERATOR_SIZE = 64
+#: A circulant whose frequency blocks have at most this many inputs or outputs is solved
+#: exactly at every step, from that many unit impulses through the layer (or its adjoint).
+EXACT_CIRCULANT_WIDTH = 16
+#: Steps of a circulant's per-frequency iteration from its (fixed) start, when its state
+#: is made (new input size, loading).
+_CIRCULANT_STEPS = 16
 # Entries (input + output sizes times steps) a Lanczos run may hold.
 _LANCZOS_ENTRIES = 1 << 25
 
@@ -989,13 +1113,28 @@ class OperatorNorm(SpectralNorm):
     def _state(self, weight: Tensor) -> Tensor:
         return weight.detach().to(self._u.dtype)
 
-    def _resize(self, weight: Tensor, size: tuple[int, ...]) -> None:
-        """New, random input-shaped state for ``size`` (estimated by :meth:`converge`)."""
+    def _block_width(self, weight: Tensor, size: tuple[int, ...]) -> int:
+        """Input-shaped vectors tracked for ``size``: at most ``operator_block_size``.
+
+        For a :class:`Circulant` each vector holds one per frequency block, so no more
+        than a block's dimension are useful.
+        """
         assert self.conv is not None
         out_channels = self.conv.out_channels(weight)
         n_in = self.conv.in_channels * math.prod(size)
         n_out = out_channels * math.prod(self.conv.output_size(size, weight))
-        k = max(1, min(self.operator_block_size, n_in, n_out))
+        circulant = Circulant.of(self.conv, weight, size)
+        if circulant is not None:
+            n_in = circulant.width(self.conv.in_channels, out_channels)
+            if n_in <= EXACT_CIRCULANT_WIDTH:
+                return 1  # (not used: solved exactly)
+        return max(1, min(self.operator_block_size, n_in, n_out))
+
+    def _resize(self, weight: Tensor, size: tuple[int, ...]) -> None:
+        """New, random input-shaped state for ``size`` (estimated by :meth:`converge`)."""
+        assert self.conv is not None
+        n_in = self.conv.in_channels * math.prod(size)
+        k = self._block_width(weight, size)
         like = self._u
         shape = (self.conv.in_channels, *size)
         self._input_size = torch.tensor(size, dtype=torch.long, device=like.device)
@@ -1036,8 +1175,35 @@ class OperatorNorm(SpectralNorm):
         assert self.input_size is not None
         return linear_maps(self.conv, w, self.input_size)
 
+    def _circulant(self, weight: Tensor) -> Circulant | None:
+        assert self.conv is not None
+        assert self.input_size is not None
+        return Circulant.of(self.conv, weight, self.input_size)
+
     def _fit_operator_block(self, w: Tensor) -> None:
-        """Top right Ritz vectors of a Lanczos run on the operator, started from ``_op_v``."""
+        """Top right Ritz vectors of a Lanczos run on the operator, started from ``_op_v``.
+
+        For a :class:`Circulant`, whose tracked vectors hold every frequency block (and
+        the operator's top vectors only a few), the block is a fixed generic start
+        iterated :data:`_CIRCULANT_STEPS` times instead; ``_op_v`` and ``_op_sigma`` are
+        kept.
+        """
+        circulant = self._circulant(w)
+        if circulant is not None:
+            assert self.conv is not None
+            out_channels = self.conv.out_channels(w)
+            if circulant.width(self.conv.in_channels, out_channels) <= EXACT_CIRCULANT_WIDTH:
+                return  # solved exactly: the block is not used
+            kept = self._op_v.clone(), self._op_sigma.clone()
+            k = self._op_block.shape[0]
+            start = torch.randn(
+                k, *self._op_v.shape[1:], generator=torch.Generator().manual_seed(0)
+            )
+            self._op_block = start.to(self._op_block)
+            for _ in range(_CIRCULANT_STEPS):
+                block_step(self._operator_products(w))
+            self._op_v, self._op_sigma = kept
+            return
         apply, adjoint, n_in = self._maps(w)
         n_out = int(apply(self._op_v.flatten()).numel())
         steps = min(_LANCZOS_MAX_STEPS, n_in, n_out, _LANCZOS_ENTRIES // (n_in + n_out))
@@ -1069,13 +1235,160 @@ class OperatorNorm(SpectralNorm):
         a crossing no residual sees (docs/design/engine.md, section 2).
         """
         assert self.conv is not None
+        assert self.input_size is not None
         conv = self.conv
         block = self._op_block
         with torch.autocast(weight.device.type, enabled=False):
             w = self._state(weight)
+            circulant = self._circulant(w)
+            if circulant is not None:
+                return [self._circulant_products(w, circulant)]
+            size = self.input_size
+            n_in = conv.in_channels * math.prod(size)
+            n_out = conv.out_channels(w) * math.prod(conv.output_size(size, w))
+            if min(n_in, n_out) <= EXACT_OPERATOR_SIZE:
+                return [self._exact_products(w, n_in, n_out)]
             out = conv.apply(block, w)
             back = conv.adjoint(out, w, block.shape[2:])
         return [BlockProducts(out.flatten(1).mT, back.flatten(1).mT, self._finish_operator)]
+
+    def _exact_products(self, w: Tensor, n_in: int, n_out: int) -> BlockProducts:
+        """The step on the whole of the smaller side: exact, from one product.
+
+        The engine's ``Y`` is the identity of the smaller side and ``Z`` the operator (or
+        its adjoint) applied to it, so the step is the eigenproblem of ``A^T A`` (or
+        ``A A^T``) itself, well conditioned: ``v = Y cu`` (or ``Z cv``). The tracked block
+        is not used.
+        """
+        assert self.conv is not None
+        assert self.input_size is not None
+        conv, size = self.conv, self.input_size
+        n = min(n_in, n_out)
+        units = torch.eye(n, dtype=w.dtype, device=w.device)
+        if n_in <= n_out:
+            image = conv.apply(units.reshape(n, -1, *size), w)
+            finish = self._finish_exact_inputs
+        else:
+            out_size = conv.output_size(size, w)
+            image = conv.adjoint(units.reshape(n, -1, *out_size), w, size)
+            finish = self._finish_exact_outputs
+        z = image.flatten(1).mT
+        return BlockProducts(units, z, finish, grams=(units, z.mT @ z), squarings=EXACT_SQUARINGS)
+
+    def _finish_exact_inputs(
+        self, y: Tensor, z: Tensor, row: RitzRow
+    ) -> list[tuple[Tensor, Tensor]]:
+        v = row.cu.reshape(self._op_v.shape)
+        return [(self._op_v, v), (self._op_sigma, row.sigma)]
+
+    def _finish_exact_outputs(
+        self, y: Tensor, z: Tensor, row: RitzRow
+    ) -> list[tuple[Tensor, Tensor]]:
+        v = torch.mv(z, row.cv).reshape(self._op_v.shape)
+        return [(self._op_v, v), (self._op_sigma, row.sigma)]
+
+    def _circulant_products(self, w: Tensor, circulant: Circulant) -> BlockProducts:
+        """The products of every frequency block at once (see :class:`Circulant`).
+
+        Blocks with at most :data:`EXACT_CIRCULANT_WIDTH` inputs or outputs are solved
+        exactly (:meth:`_exact_circulant_products`); wider ones are tracked:
+
+        The tracked vectors go through the layer and its adjoint as always; their unitary
+        DFTs, split into the blocks, are each block's ``B``, ``Y = A B`` and ``Z = A^H Y``
+        (complex), stepped as a batch: the norm of every frequency is tracked, none can
+        overtake the estimate unseen.
+        """
+        assert self.conv is not None
+        conv, block = self.conv, self._op_block
+        if circulant.width(conv.in_channels, conv.out_channels(w)) <= EXACT_CIRCULANT_WIDTH:
+            return self._exact_circulant_products(w, circulant)
+        dims = tuple(range(2, block.dim()))
+        out = conv.apply(block, w)
+        back = conv.adjoint(out, w, block.shape[2:])
+        y = circulant.outputs(torch.fft.fftn(out, dim=dims, norm="ortho"))
+        z = circulant.inputs(torch.fft.fftn(back, dim=dims, norm="ortho"))
+        start = circulant.inputs(torch.fft.fftn(block, dim=dims, norm="ortho"))
+
+        def finish(y: Tensor, z: Tensor, row: RitzRow) -> list[tuple[Tensor, Tensor]]:
+            return self._finish_circulant(circulant, start, z, row)
+
+        return BlockProducts(y, z, finish, squarings=EXACT_SQUARINGS)
+
+    def _exact_circulant_products(self, w: Tensor, circulant: Circulant) -> BlockProducts:
+        """Every frequency block on a basis of its smaller side: exact, from one product.
+
+        Unit impulses on the smaller side (:meth:`Circulant.output_units` through the
+        adjoint, or :meth:`Circulant.input_units` through the layer) give, after the DFT,
+        a basis ``Y`` of every block's space and its image ``Z``; the step is then exact.
+        """
+        assert self.conv is not None
+        assert self.input_size is not None
+        conv, size = self.conv, self.input_size
+        dims = tuple(range(2, 2 + len(size)))
+        channels, out_channels = conv.in_channels, conv.out_channels(w)
+        g = circulant.groups
+        outputs_smaller = out_channels // g <= channels // g * math.prod(circulant.stride)
+        if outputs_smaller:
+            units = circulant.output_units(out_channels, w)
+            image = conv.adjoint(units, w, size)
+            y = circulant.outputs(torch.fft.fftn(units, dim=dims, norm="ortho"))
+            z = circulant.inputs(torch.fft.fftn(image, dim=dims, norm="ortho"))
+        else:
+            units = circulant.input_units(channels, w)
+            image = conv.apply(units, w)
+            y = circulant.inputs(torch.fft.fftn(units, dim=dims, norm="ortho"))
+            z = circulant.outputs(torch.fft.fftn(image, dim=dims, norm="ortho"))
+
+        def finish(y: Tensor, z: Tensor, row: RitzRow) -> list[tuple[Tensor, Tensor]]:
+            top = row.sigma.argmax().reshape(1)
+            # The right vector is on the input side: Z cv (outputs smaller) or Y cu.
+            basis, coefficients = (z, row.cv) if outputs_smaller else (y, row.cu)
+            vector = torch.bmm(
+                basis.index_select(0, top), coefficients.index_select(0, top).unsqueeze(-1)
+            )
+            return [
+                (self._op_v, self._circulant_vector(circulant, top, vector, basis.shape)),
+                (self._op_sigma, row.sigma.index_select(0, top).reshape(())),
+            ]
+
+        return BlockProducts(y, z, finish, squarings=EXACT_SQUARINGS)
+
+    def _circulant_vector(
+        self, circulant: Circulant, top: Tensor, vector: Tensor, shape: torch.Size
+    ) -> Tensor:
+        """The unit spatial vector of one frequency block's ``vector`` (the real part)."""
+        channels = self._op_v.shape[1]
+        dims = tuple(range(2, self._op_v.dim()))
+        only = vector.new_zeros(shape[0], shape[1], 1).index_copy_(0, top, vector)
+        spectrum = circulant.inputs_back(only, channels)
+        v = torch.fft.ifftn(spectrum, dim=dims, norm="ortho").real
+        tiny = torch.finfo(v.dtype).tiny
+        unit: Tensor = v / torch.linalg.vector_norm(v).clamp_min(tiny)
+        return unit
+
+    def _finish_circulant(
+        self, circulant: Circulant, start: Tensor, z: Tensor, row: RitzRow
+    ) -> list[tuple[Tensor, Tensor]]:
+        """The new state from a circulant's batched step.
+
+        The next block is each frequency block's next block, back in space (real: the
+        blocks of conjugate frequencies are conjugate). ``v`` is the top right vector of
+        the block with the largest estimate, in space: the real part of that one
+        frequency's vector (which, with its conjugate's, spans the singular pair).
+        """
+        block = self._op_block
+        channels = block.shape[1]
+        dims = tuple(range(2, block.dim()))
+        mixed = torch.addcmul(z, start, row.tau.reshape(-1, 1, 1))
+        bins = torch.linalg.solve_triangular(row.factor_t, mixed, upper=True, left=False)
+        new = torch.fft.ifftn(circulant.inputs_back(bins, channels), dim=dims, norm="ortho")
+        top = row.sigma.argmax().reshape(1)
+        vector = torch.bmm(z.index_select(0, top), row.cv.index_select(0, top).unsqueeze(-1))
+        return [
+            (self._op_v, self._circulant_vector(circulant, top, vector, z.shape)),
+            (block, new.real),
+            (self._op_sigma, row.sigma.index_select(0, top).reshape(())),
+        ]
 
     def _finish_operator(self, y: Tensor, z: Tensor, row: RitzRow) -> list[tuple[Tensor, Tensor]]:
         block = self._op_block
@@ -1096,7 +1409,8 @@ class OperatorNorm(SpectralNorm):
         if self.input_size is not None:
             with torch.autocast(weight.device.type, enabled=False):
                 w = self._state(weight)
-                k = max(1, min(self.operator_block_size, self._op_v.numel()))
+                size = self.input_size
+                k = max(1, min(self._block_width(w, size), self._op_v.numel()))
                 self._op_block = self._op_v.new_zeros(k, *self._op_v.shape[1:])
                 self._fit_operator_block(w)
                 self._op_sigma.copy_(self._live(w))

@@ -49,6 +49,8 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
             nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"),
             nn.Conv2d(4, 4, 3, stride=2, padding=(1, 2), padding_mode="circular"),
             nn.Conv2d(4, 4, 2, padding="same", padding_mode="replicate"),
+            # A circulant: tracked per frequency block (FFTs, complex Grams).
+            nn.Conv2d(4, 4, 3, padding=1, padding_mode="circular"),
         ),
         (2, 3, 8, 8),
     ),

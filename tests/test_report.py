@@ -101,7 +101,8 @@ def test_lipschitz_bounds_use_the_recorded_size() -> None:
     bounds = snpatch.lipschitz_bounds(model)
     assert list(bounds) == ["0"]
     assert bounds["0"] == pytest.approx(snpatch.lipschitz_bound(model[0], (2, 6, 6)))
-    assert 1.0 <= bounds["0"] <= 1.0 + 1e-3
+    # The circulant is normalized by its exact norm: 1 up to float32 rounding of the divisor.
+    assert 1.0 - 1e-6 <= bounds["0"] <= 1.0 + 1e-3
 
 
 def test_lipschitz_bound_rejects_what_it_cannot_bound() -> None:
