@@ -19,6 +19,8 @@ Cases (issue 14's reproductions):
     digits-operator    ``method="operator"`` (snpatch only): a circular Conv2d(1, 16, 3) and a
                        Conv2d(16, 10, 8) on scikit-learn's load_digits (8x8, x/16), Adam lr
                        3e-3, batch 64, 5 epochs; the exact operator norm on 8x8 inputs
+    digits-cnn-operator  the same data, a zero-padded CNN: Conv2d(1, 32, 3), Conv2d(32, 32, 3),
+                       Conv2d(32, 64, 3, stride 2), Conv2d(64, 10, 4); Adam lr 1e-3, 3 epochs
 """
 
 from __future__ import annotations
@@ -122,8 +124,25 @@ class _Worst:
         return self.error, self.where, self.when, len(self.off)
 
 
-def run_digits_operator() -> tuple[float, str, int, int]:
-    """:func:`run` for the operator-mode case (issue 14's digits reproduction)."""
+OPERATOR_CASES = ("digits-operator", "digits-cnn-operator")
+
+
+def _digits_convs(name: str) -> tuple[list[nn.Conv2d], list[tuple[int, int]], float, int]:
+    """The convolutions of an operator-mode digits case, their input sizes, lr and epochs."""
+    if name == "digits-operator":
+        circular = nn.Conv2d(1, 16, 3, padding=1, padding_mode="circular")
+        return [circular, nn.Conv2d(16, 10, 8)], [(8, 8), (8, 8)], 3e-3, 5
+    convs = [
+        nn.Conv2d(1, 32, 3, padding=1),
+        nn.Conv2d(32, 32, 3, padding=1),
+        nn.Conv2d(32, 64, 3, stride=2, padding=1),
+        nn.Conv2d(64, 10, 4),
+    ]
+    return convs, [(8, 8), (8, 8), (8, 8), (4, 4)], 1e-3, 3
+
+
+def run_digits_operator(name: str) -> tuple[float, str, int, int]:
+    """:func:`run` for an operator-mode case on load_digits (issue 14's reproduction)."""
     from sklearn.datasets import load_digits
 
     from snpatch.operator import ConvSpec, operator_norm
@@ -132,26 +151,29 @@ def run_digits_operator() -> tuple[float, str, int, int]:
     digits = load_digits()
     images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16
     labels = torch.tensor(digits.target)
-    model = nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1, padding_mode="circular"),
-        nn.ReLU(),
-        nn.Conv2d(16, 10, 8),
-        nn.Flatten(),
-    )
+    convs, sizes, lr, epochs = _digits_convs(name)
+    layers: list[nn.Module] = []
+    for conv in convs:
+        layers += [conv, nn.ReLU()]
+    model = nn.Sequential(*layers[:-1], nn.Flatten())
     snpatch.apply_spectral_norm(model, method="operator")
-    convs = {"0.weight": model[0], "2.weight": model[2]}
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    keys = {
+        f"{2 * i}.weight": (conv, size)
+        for i, (conv, size) in enumerate(zip(convs, sizes, strict=True))
+    }
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(2)
     model.train()
     worst, step = _Worst(), 0
-    for _ in range(5):
+    for _ in range(epochs):
         for batch in torch.randperm(len(images), generator=generator).split(64):
             with parametrize.cached():
                 loss = nn.functional.cross_entropy(model(images[batch]), labels[batch])
                 with torch.no_grad():
-                    used = {key: conv.weight.clone() for key, conv in convs.items()}
+                    used = {key: conv.weight.clone() for key, (conv, _) in keys.items()}
             for key, weight in used.items():
-                norm = operator_norm(ConvSpec.of(convs[key]), weight.double(), (8, 8))
+                conv, size = keys[key]
+                norm = operator_norm(ConvSpec.of(conv), weight.double(), size)
                 worst.add(key, abs(norm - 1.0), step)
             optimizer.zero_grad()
             loss.backward()
@@ -191,7 +213,7 @@ def run(case: Case, variant: str) -> tuple[float, str, int, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    names = [*CASES, "digits-operator"]
+    names = [*CASES, *OPERATOR_CASES]
     parser.add_argument("--cases", nargs="+", default=names, choices=names)
     parser.add_argument("--variants", nargs="+", default=["snpatch", "torch"])
     args = parser.parse_args()
@@ -199,11 +221,11 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for name in args.cases:
         for variant in args.variants:
-            if name == "digits-operator" and variant != "snpatch":
+            if name in OPERATOR_CASES and variant != "snpatch":
                 continue  # torch's spectral norm has no operator mode
             start = time.perf_counter()
-            if name == "digits-operator":
-                worst, where, when, off = run_digits_operator()
+            if name in OPERATOR_CASES:
+                worst, where, when, off = run_digits_operator(name)
             else:
                 worst, where, when, off = run(CASES[name], variant)
             seconds = time.perf_counter() - start

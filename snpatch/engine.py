@@ -240,6 +240,8 @@ class BlockProducts:
     restep: Callable[[Tensor], BlockProducts] | None = None
     #: Squarings of the top eigenvector's solve (items are batched by it).
     squarings: int = SQUARINGS
+    #: The residual above which the step is refreshed (see :func:`block_step`).
+    refresh_residual: float = REFRESH_RESIDUAL
 
     def gram_y(self) -> Tensor:
         return self.grams[0] if self.grams is not None else _adjoint(self.y) @ self.y
@@ -488,7 +490,9 @@ def _refresh(
     spectrum a small residual alone does not say the top was reached).
     """
     values = dict(enumerate(residual.tolist()))
-    flagged = [i for i, value in values.items() if value > REFRESH_RESIDUAL and items[i].restep]
+    flagged = [
+        i for i, value in values.items() if value > items[i].refresh_residual and items[i].restep
+    ]
     for _ in range(REFRESH_ROUNDS):
         if not flagged:
             return
@@ -507,7 +511,7 @@ def _refresh(
         flagged = [
             i
             for i, old, new, value in zip(flagged, before, after, still, strict=True)
-            if value > REFRESH_RESIDUAL or new > old * (1 + REFRESH_RISE)
+            if value > items[i].refresh_residual or new > old * (1 + REFRESH_RISE)
         ]
 
 

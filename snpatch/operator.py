@@ -73,6 +73,7 @@ __all__ = [
     "EXACT_CIRCULANT_WIDTH",
     "EXACT_OPERATOR_SIZE",
     "OPERATOR_BLOCK_SIZE",
+    "OPERATOR_REFRESH_RESIDUAL",
     "Circulant",
     "ConvSpec",
     "OperatorNorm",
@@ -942,8 +943,13 @@ def _zero_extended(x: Tensor, size: Sequence[int]) -> Tensor:
     return F.pad(x, pads)
 
 
-#: Input-shaped vectors tracked per convolution in operator mode (see docs/lipschitz.md).
-OPERATOR_BLOCK_SIZE = 4
+#: Input-shaped vectors tracked per convolution in operator mode (see docs/lipschitz.md):
+#: with 4, a zero-padded digits CNN's Conv2d(32, 32, 3) was 0.74% off at Adam 1e-3 even
+#: with the refresh; with 8, 0.10% (docs/design/engine.md, section 2).
+OPERATOR_BLOCK_SIZE = 8
+#: An operator step whose top residual exceeds this is refreshed (matrix mode: 2%): on the
+#: digits CNN of ``benchmarks/tracking.py`` 2% left a Conv2d(32, 32, 3) 0.53% off, 1% 0.15%.
+OPERATOR_REFRESH_RESIDUAL = 0.01
 #: An operator with at most this many inputs or outputs is solved exactly at every step
 #: (on a basis of its whole input space, or of its row space): a block of that size costs
 #: little, and a smaller one would miss crossings within it.
@@ -1229,10 +1235,10 @@ class OperatorNorm(SpectralNorm):
     def _operator_products(self, weight: Tensor) -> list[BlockProducts]:
         """``Y = A X`` and ``Z = A^T Y`` for the block ``X`` of input-shaped vectors.
 
-        No refresh (``explore``, ``restep``) in operator mode yet: it held the jump tests,
-        but its thresholded decisions made FSDP's ranks and one process (whose weights
-        differ by rounding) end 1e-5 apart; and its measured failure is not a fast move but
-        a crossing no residual sees (docs/design/engine.md, section 2).
+        A :class:`Circulant` is stepped per frequency block, an operator with at most
+        :data:`EXACT_OPERATOR_SIZE` inputs or outputs exactly; any other on the tracked
+        block, which the engine refreshes on the CPU where the weight moved too fast
+        (``explore``, ``restep``: :func:`snpatch.engine.krylov_block`).
         """
         assert self.conv is not None
         assert self.input_size is not None
@@ -1248,9 +1254,32 @@ class OperatorNorm(SpectralNorm):
             n_out = conv.out_channels(w) * math.prod(conv.output_size(size, w))
             if min(n_in, n_out) <= EXACT_OPERATOR_SIZE:
                 return [self._exact_products(w, n_in, n_out)]
-            out = conv.apply(block, w)
-            back = conv.adjoint(out, w, block.shape[2:])
-        return [BlockProducts(out.flatten(1).mT, back.flatten(1).mT, self._finish_operator)]
+            return [self._block_products(w, block.flatten(1).mT)]
+
+    def _block_products(self, w: Tensor, columns: Tensor) -> BlockProducts:
+        """The products of a block (``n x k`` columns), with a refresh's ``explore``."""
+        assert self.conv is not None
+        conv, shape = self.conv, self._op_block.shape[1:]
+        block = columns.mT.reshape(-1, *shape)
+        out = conv.apply(block, w)
+        back = conv.adjoint(out, w, shape[1:])
+
+        def finish(y: Tensor, z: Tensor, row: RitzRow) -> list[tuple[Tensor, Tensor]]:
+            return self._finish_operator(columns, z, row)
+
+        def explore(x: Tensor) -> tuple[Tensor, Tensor]:
+            image = conv.apply(x.reshape(1, *shape), w)
+            return image.flatten(), conv.adjoint(image, w, shape[1:]).flatten()
+
+        return BlockProducts(
+            out.flatten(1).mT,
+            back.flatten(1).mT,
+            finish,
+            block=columns,
+            explore=explore,
+            restep=lambda other: self._block_products(w, other),
+            refresh_residual=OPERATOR_REFRESH_RESIDUAL,
+        )
 
     def _exact_products(self, w: Tensor, n_in: int, n_out: int) -> BlockProducts:
         """The step on the whole of the smaller side: exact, from one product.
@@ -1390,9 +1419,10 @@ class OperatorNorm(SpectralNorm):
             (self._op_sigma, row.sigma.index_select(0, top).reshape(())),
         ]
 
-    def _finish_operator(self, y: Tensor, z: Tensor, row: RitzRow) -> list[tuple[Tensor, Tensor]]:
+    def _finish_operator(
+        self, columns: Tensor, z: Tensor, row: RitzRow
+    ) -> list[tuple[Tensor, Tensor]]:
         block = self._op_block
-        columns = block.flatten(1).mT
         v = torch.mv(z, row.cv)
         new = next_block(z, columns, row)
         return [

@@ -5,7 +5,8 @@ stride divides, is a (strided) circulant: its singular vectors are Fourier modes
 its kernel, so one block of input-shaped vectors is an exact invariant subspace and never
 sees a frequency that overtakes it (issue 14's digits reproduction drifted to 37%). Tracked
 per frequency block instead (``snpatch.operator.Circulant``), every frequency's norm is
-followed, and a block no wider than the tracked vectors is solved exactly at every step.
+followed, and blocks with at most ``EXACT_CIRCULANT_WIDTH`` inputs or outputs are solved
+exactly at every step.
 An operator with at most ``EXACT_OPERATOR_SIZE`` inputs or outputs is solved exactly too.
 """
 
@@ -52,7 +53,7 @@ def circulant_layers(
         kernel = draw(st.sampled_from([1, 3, 5] if dilation == 1 else [1, 2, 3]))
         padding = dilation * (kernel - 1) // 2
     if min(per_in * stride**ndim, per_out) > widest:
-        per_out = widest  # every block's smaller side within the tracked vectors
+        per_out = widest  # every block's smaller side within the exact width
     # At least the kernel's extent: torch's circular padding wraps around at most once.
     low = -(-(dilation * (kernel - 1) + 1) // stride)
     top = max(low, {1: 12, 2: 8, 3: 5}[ndim] // stride)
@@ -116,7 +117,7 @@ WIDE = {  # frequency blocks wider than EXACT_CIRCULANT_WIDTH
 @pytest.mark.parametrize("name", sorted(WIDE))
 @pytest.mark.parametrize("seed", [0, 1])
 def test_a_training_circulant_wider_than_exact_is_held(name: str, seed: int) -> None:
-    """Blocks wider than EXACT_CIRCULANT_WIDTH, tracked by 4 vectors each: held at 0.5%."""
+    """Blocks wider than EXACT_CIRCULANT_WIDTH, tracked by 8 vectors each: held at 0.5%."""
     torch.manual_seed(seed)
     build, size = WIDE[name]
     layer = build()
@@ -178,7 +179,7 @@ def test_a_digits_classifier_is_held_at_every_step() -> None:
     """Issue 14's operator-mode case (it drifted to 37%), with a strided circulant added.
 
     On load_digits (8x8, x/16), Adam 3e-3, batch 64, 3 epochs: the circular convs are
-    circulants (the strided one's frequency blocks are 64 x 16, wider than its 4 tracked
+    circulants (the strided one's frequency blocks are 64 x 16, wider than its 8 tracked
     vectors), the head a small operator (10 outputs).
     """
     from sklearn.datasets import load_digits
