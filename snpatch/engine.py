@@ -11,6 +11,9 @@ a Rayleigh-Ritz step on them through their ``k x k`` Gram matrices alone:
 - ``u = Y c / |Y c|`` and ``v = Z c / |Z c|`` (so ``u^T A v == sigma``);
 - the next block is ``Z`` orthonormalized through the Cholesky factor of its Gram.
 
+An estimator may also be a batch of independent problems (a circular convolution's
+frequency blocks, complex: :class:`snpatch.operator.Circulant`), stepped in the same batch.
+
 There is no QR, SVD or eigendecomposition: PyTorch's ``linalg.svd``, ``eigh`` and
 ``cholesky`` synchronize a CUDA device with the host (they check for errors there), where
 ``cholesky_ex``, ``solve_triangular`` and matrix products don't. The small linear algebra
@@ -122,6 +125,13 @@ def _top_eigenvector(m: Tensor, squarings: int = SQUARINGS) -> Tensor:
     eigenvector times its largest component (entries at most 1). Matrix products only, no
     ``eigh``: nothing here synchronizes with the host.
     """
+    if m.is_complex():
+        # As the real symmetric [[P, -Q], [Q, P]] of m = P + iQ, whose eigenvector [x; y]
+        # is m's x + iy (every eigenvalue twice): batched complex products are far slower.
+        k = m.shape[-1]
+        real = torch.cat([torch.cat([m.real, -m.imag], -1), torch.cat([m.imag, m.real], -1)], -2)
+        top = _top_eigenvector(real, squarings)
+        return torch.complex(top[..., :k, :], top[..., k:, :])
     rel, tiny = _constants(m.dtype)
     power = m / (torch.linalg.matrix_norm(m, keepdim=True) + tiny)
     # A zero matrix (a zero weight) still gets a non-zero vector.

@@ -867,9 +867,57 @@ class Circulant:
     def _ndim(self) -> int:
         return len(self.size)
 
+    @property
+    def _half(self) -> bool:
+        """Stride 1: the real FFT's half spectrum holds every block once (the others are
+        their conjugates, with the same norms)."""
+        return all(s == 1 for s in self.stride)
+
+    def _spectral_size(self) -> tuple[int, ...]:
+        if self._half:
+            return (*self.size[:-1], self.size[-1] // 2 + 1)
+        return self.size
+
+    def _dims(self) -> tuple[int, ...]:
+        return tuple(range(2, 2 + self._ndim))
+
+    def spectrum(self, fields: Tensor) -> Tensor:
+        """The unitary DFT of real fields ``(K, C, *size)`` (half of it, see ``_half``)."""
+        transform = torch.fft.rfftn if self._half else torch.fft.fftn
+        spectrum: Tensor = transform(fields, dim=self._dims(), norm="ortho")
+        return spectrum
+
+    def fields(self, spectrum: Tensor) -> Tensor:
+        """The real fields of a spectrum from :meth:`spectrum` (its inverse)."""
+        if self._half:
+            real: Tensor = torch.fft.irfftn(spectrum, s=self.size, dim=self._dims(), norm="ortho")
+            return real
+        full: Tensor = torch.fft.ifftn(spectrum, dim=self._dims(), norm="ortho")
+        return full.real
+
+    def mode(self, spectrum: Tensor) -> Tensor:
+        """A real unit field in the span of one frequency's ``spectrum`` and its conjugate's.
+
+        ``x``, the inverse DFT of the full spectrum, is complex; its real and imaginary
+        parts both lie in that span (a real operator's singular space), and the larger is
+        at least ``|x| / sqrt(2)`` (a frequency that is its own conjugate can carry any
+        phase, which may leave one of them near zero).
+        """
+        if self._half:
+            missing = self.size[-1] - spectrum.shape[-1]
+            spectrum = F.pad(spectrum, (0, missing))
+        x = torch.fft.ifftn(spectrum, dim=self._dims(), norm="ortho")
+        real, imag = x.real, x.imag
+        norm_real, norm_imag = torch.linalg.vector_norm(real), torch.linalg.vector_norm(imag)
+        chosen = torch.where(norm_real >= norm_imag, real, imag)
+        tiny = torch.finfo(chosen.dtype).tiny
+        unit: Tensor = chosen / torch.maximum(norm_real, norm_imag).clamp_min(tiny)
+        return unit
+
     def _split(self) -> list[int]:
         """Each dimension ``n`` as ``(s, n / s)``: frequency ``j n / s + m`` at ``(j, m)``."""
-        return [d for n, s in zip(self.size, self.stride, strict=True) for d in (s, n // s)]
+        size = self._spectral_size()
+        return [d for n, s in zip(size, self.stride, strict=True) for d in (s, n // s)]
 
     def _input_order(self) -> list[int]:
         """``(K, G, b, j0, m0, j1, m1, ...)`` to ``(G, m0, m1, ..., b, j0, j1, ..., K)``."""
@@ -893,7 +941,7 @@ class Circulant:
         shape = [g, *coarse, channels // g, *split[0::2], k]
         order = self._input_order()
         inverse = [order.index(i) for i in range(len(order))]
-        return bins.reshape(shape).permute(*inverse).reshape(k, channels, *self.size)
+        return bins.reshape(shape).permute(*inverse).reshape(k, channels, *self._spectral_size())
 
     def outputs(self, spectra: Tensor) -> Tensor:
         """Output spectra ``(K, O, *size / stride)`` as ``(bins, O / groups, K)``."""
@@ -956,7 +1004,10 @@ OPERATOR_REFRESH_RESIDUAL = 0.01
 EXACT_OPERATOR_SIZE = 64
 #: A circulant whose frequency blocks have at most this many inputs or outputs is solved
 #: exactly at every step, from that many unit impulses through the layer (or its adjoint).
-EXACT_CIRCULANT_WIDTH = 16
+#: Wider blocks are tracked by the block's vectors (exact too up to OPERATOR_BLOCK_SIZE):
+#: solving 16-wide blocks exactly (16 squarings of every frequency's 32 x 32 real form)
+#: took a Conv2d(16, 16, 3) on 32x32 105 ms per step on one CPU core, tracking 27 ms.
+EXACT_CIRCULANT_WIDTH = 4
 #: Steps of a circulant's per-frequency iteration from its (fixed) start, when its state
 #: is made (new input size, loading).
 _CIRCULANT_STEPS = 16
@@ -1331,17 +1382,16 @@ class OperatorNorm(SpectralNorm):
         conv, block = self.conv, self._op_block
         if circulant.width(conv.in_channels, conv.out_channels(w)) <= EXACT_CIRCULANT_WIDTH:
             return self._exact_circulant_products(w, circulant)
-        dims = tuple(range(2, block.dim()))
         out = conv.apply(block, w)
         back = conv.adjoint(out, w, block.shape[2:])
-        y = circulant.outputs(torch.fft.fftn(out, dim=dims, norm="ortho"))
-        z = circulant.inputs(torch.fft.fftn(back, dim=dims, norm="ortho"))
-        start = circulant.inputs(torch.fft.fftn(block, dim=dims, norm="ortho"))
+        y = circulant.outputs(circulant.spectrum(out))
+        z = circulant.inputs(circulant.spectrum(back))
+        start = circulant.inputs(circulant.spectrum(block))
 
         def finish(y: Tensor, z: Tensor, row: RitzRow) -> list[tuple[Tensor, Tensor]]:
             return self._finish_circulant(circulant, start, z, row)
 
-        return BlockProducts(y, z, finish, squarings=EXACT_SQUARINGS)
+        return BlockProducts(y, z, finish)
 
     def _exact_circulant_products(self, w: Tensor, circulant: Circulant) -> BlockProducts:
         """Every frequency block on a basis of its smaller side: exact, from one product.
@@ -1353,20 +1403,19 @@ class OperatorNorm(SpectralNorm):
         assert self.conv is not None
         assert self.input_size is not None
         conv, size = self.conv, self.input_size
-        dims = tuple(range(2, 2 + len(size)))
         channels, out_channels = conv.in_channels, conv.out_channels(w)
         g = circulant.groups
         outputs_smaller = out_channels // g <= channels // g * math.prod(circulant.stride)
         if outputs_smaller:
             units = circulant.output_units(out_channels, w)
             image = conv.adjoint(units, w, size)
-            y = circulant.outputs(torch.fft.fftn(units, dim=dims, norm="ortho"))
-            z = circulant.inputs(torch.fft.fftn(image, dim=dims, norm="ortho"))
+            y = circulant.outputs(circulant.spectrum(units))
+            z = circulant.inputs(circulant.spectrum(image))
         else:
             units = circulant.input_units(channels, w)
             image = conv.apply(units, w)
-            y = circulant.inputs(torch.fft.fftn(units, dim=dims, norm="ortho"))
-            z = circulant.outputs(torch.fft.fftn(image, dim=dims, norm="ortho"))
+            y = circulant.inputs(circulant.spectrum(units))
+            z = circulant.outputs(circulant.spectrum(image))
 
         def finish(y: Tensor, z: Tensor, row: RitzRow) -> list[tuple[Tensor, Tensor]]:
             top = row.sigma.argmax().reshape(1)
@@ -1386,14 +1435,8 @@ class OperatorNorm(SpectralNorm):
         self, circulant: Circulant, top: Tensor, vector: Tensor, shape: torch.Size
     ) -> Tensor:
         """The unit spatial vector of one frequency block's ``vector`` (the real part)."""
-        channels = self._op_v.shape[1]
-        dims = tuple(range(2, self._op_v.dim()))
         only = vector.new_zeros(shape[0], shape[1], 1).index_copy_(0, top, vector)
-        spectrum = circulant.inputs_back(only, channels)
-        v = torch.fft.ifftn(spectrum, dim=dims, norm="ortho").real
-        tiny = torch.finfo(v.dtype).tiny
-        unit: Tensor = v / torch.linalg.vector_norm(v).clamp_min(tiny)
-        return unit
+        return circulant.mode(circulant.inputs_back(only, self._op_v.shape[1]))
 
     def _finish_circulant(
         self, circulant: Circulant, start: Tensor, z: Tensor, row: RitzRow
@@ -1407,15 +1450,14 @@ class OperatorNorm(SpectralNorm):
         """
         block = self._op_block
         channels = block.shape[1]
-        dims = tuple(range(2, block.dim()))
         mixed = torch.addcmul(z, start, row.tau.reshape(-1, 1, 1))
         bins = torch.linalg.solve_triangular(row.factor_t, mixed, upper=True, left=False)
-        new = torch.fft.ifftn(circulant.inputs_back(bins, channels), dim=dims, norm="ortho")
+        new = circulant.fields(circulant.inputs_back(bins, channels))
         top = row.sigma.argmax().reshape(1)
         vector = torch.bmm(z.index_select(0, top), row.cv.index_select(0, top).unsqueeze(-1))
         return [
             (self._op_v, self._circulant_vector(circulant, top, vector, z.shape)),
-            (block, new.real),
+            (block, new),
             (self._op_sigma, row.sigma.index_select(0, top).reshape(())),
         ]
 

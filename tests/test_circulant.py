@@ -133,6 +133,19 @@ def test_a_training_circulant_wider_than_exact_is_held(name: str, seed: int) -> 
         optimizer.step()
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("channels", [(2, 3), (6, 7)])  # blocks solved exactly / tracked
+def test_a_circulant_whose_top_is_the_zero_frequency_is_normalized(
+    stride: int, channels: tuple[int, int]
+) -> None:
+    """A positive kernel's top is at frequency 0, its own conjugate (any phase there)."""
+    layer = nn.Conv2d(*channels, 3, stride=stride, padding=1, padding_mode="circular")
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.0)
+    _patched(layer, (8, 8), 1.0)
+    assert math.isclose(dense_norm(layer, (8, 8)), 1.0, rel_tol=EXACT)
+
+
 @pytest.mark.parametrize(
     ("padding", "size"),
     [((1, 2), (8, 8)), (1, (9, 8))],  # W padded by 4 for an extent of 3; 9 not a multiple of 2
