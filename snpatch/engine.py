@@ -262,7 +262,8 @@ class BlockProducts:
 
 def next_block(z: Tensor, block: Tensor, row: RitzRow) -> Tensor:
     """The next block (``n x k`` columns) from ``Z`` and the current one (see :func:`ritz`)."""
-    mixed = torch.addcmul(z, block, row.tau)
+    tau = row.tau if row.tau.dim() == 0 else row.tau.reshape(-1, 1, 1)  # (batched items)
+    mixed = torch.addcmul(z, block, tau)
     new: Tensor = torch.linalg.solve_triangular(row.factor_t, mixed, upper=True, left=False)
     return new
 

@@ -1445,14 +1445,11 @@ class OperatorNorm(SpectralNorm):
 
         The next block is each frequency block's next block, back in space (real: the
         blocks of conjugate frequencies are conjugate). ``v`` is the top right vector of
-        the block with the largest estimate, in space: the real part of that one
-        frequency's vector (which, with its conjugate's, spans the singular pair).
+        the block with the largest estimate, in space (:meth:`Circulant.mode`).
         """
         block = self._op_block
-        channels = block.shape[1]
-        mixed = torch.addcmul(z, start, row.tau.reshape(-1, 1, 1))
-        bins = torch.linalg.solve_triangular(row.factor_t, mixed, upper=True, left=False)
-        new = circulant.fields(circulant.inputs_back(bins, channels))
+        bins = next_block(z, start, row)
+        new = circulant.fields(circulant.inputs_back(bins, block.shape[1]))
         top = row.sigma.argmax().reshape(1)
         vector = torch.bmm(z.index_select(0, top), row.cv.index_select(0, top).unsqueeze(-1))
         return [
