@@ -704,22 +704,40 @@ class SpectralNorm(nn.Module):
                 self._fresh = None
 
     def sigma(self, weight: Tensor) -> Tensor:
-        """The estimate ``u^T W v`` that the eval forward divides by (no grad)."""
+        """The estimate the eval forward divides by (no grad): see :meth:`_eval_vectors`."""
+        return self._eval_vectors(weight)[1]
+
+    def _eval_vectors(self, weight: Tensor) -> tuple[Tensor, Tensor]:
+        """The left vector and the estimate the eval forward uses (no grad).
+
+        torch's ``u^T W v`` where it is positive. It is not where the weight changed so much
+        after the last step (a large optimizer step, then eval) that ``u`` and ``v`` no
+        longer describe it: torch divides by the negative value (the weight's sign flips)
+        and snpatch by 1 (the rule for a zero weight), and either bounds nothing. There it is
+        ``|W v|`` with ``u = W v / |W v|`` (torch's ``u`` is unchanged where ``W v = 0``).
+        """
         with torch.no_grad(), autocast_off(weight.device):
-            return torch.vdot(self._u, self._matrix(weight) @ self._v)
+            u = self._u
+            wv = self._matrix(weight) @ self._v
+            estimate = torch.vdot(u, wv)
+            valid = estimate > 0
+            norm = torch.linalg.vector_norm(wv)
+            fallback = torch.where(norm > 0, wv / norm, u)
+            return torch.where(valid, u, fallback), torch.where(valid, estimate, norm)
 
     def forward(self, weight: Tensor) -> Tensor:
         """``weight`` normalized; in training with the estimate the pre-hook just updated.
 
         In eval mode (and under torch.func, where the hook cannot update the state) the
-        estimate is recomputed for the current weight, as torch does. In eval mode the
-        result is cached: while the weight (its identity, storage and version counter),
-        ``u``, ``v`` and the options stay the same, the cached tensor is served. It is never
-        served where the result must carry a graph (grad enabled and the weight requires
-        grad: e.g. gradients with respect to the weights in eval), under torch.func, nor
-        while ``torch.compile`` traces. In-place edits made through ``.data`` bypass
-        PyTorch's version counter: after one in eval mode call :meth:`clear_cache` (or set
-        ``eval_cache = False``). Switching to training drops the cache.
+        estimate is recomputed for the current weight, as torch does (unless torch's is not
+        positive: see :meth:`_eval_vectors`). In eval mode the result is cached: while the
+        weight (its identity, storage and version counter), ``u``, ``v`` and the options
+        stay the same, the cached tensor is served. It is never served where the result
+        must carry a graph (grad enabled and the weight requires grad: e.g. gradients with
+        respect to the weights in eval), under torch.func, nor while ``torch.compile``
+        traces. In-place edits made through ``.data`` bypass PyTorch's version counter:
+        after one in eval mode call :meth:`clear_cache` (or set ``eval_cache = False``).
+        Switching to training drops the cache.
         """
         if self._serves_cache(weight):
             return self._cached(weight)
@@ -742,15 +760,16 @@ class SpectralNorm(nn.Module):
                     weight, *fresh[:4], self.lipschitz, soft, self.eps, self.dim
                 )
             sigma = self._sigma
+            u = self._u.clone()
         else:
-            sigma = self.sigma(weight)
+            u, sigma = self._eval_vectors(weight)
         # Cloned: a later step (or a load) updates the buffers in place, and autograd
         # must see the values this forward used.
         sigma = sigma.clone()
         function = _Normalize if functorch or compiling else _NormalizeEager
         return function.apply(  # type: ignore[no-any-return]
             weight,
-            self._u.clone(),
+            u,
             self._v.clone(),
             sigma,
             scale_of(sigma, self.lipschitz, soft, self.eps),

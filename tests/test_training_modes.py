@@ -198,6 +198,29 @@ def test_checkpointing_advances_the_iteration_once_and_gives_exact_gradients(
             assert torch.equal(value, _state(reference)[key]), key
 
 
+# --- eval after an optimizer step -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("conv", [False, True], ids=["linear", "conv"])
+@pytest.mark.parametrize("grad_enabled", [False, True], ids=["no_grad", "grad"])
+def test_eval_after_an_update_that_reverses_the_weight_is_still_normalized(
+    conv: bool, grad_enabled: bool
+) -> None:
+    # The last step's u, v are for W; the optimizer then made the weight -W, so torch's
+    # u^T W v is -sigma there: dividing by it (or by 1, for a non-positive estimate) is off.
+    torch.manual_seed(0)
+    layer = snpatch.apply_spectral_norm(
+        nn.Conv2d(3, 5, 3) if conv else nn.Linear(8, 6), lipschitz=2.0
+    )
+    layer(torch.randn(2, 3, 6, 6) if conv else torch.randn(4, 8))
+    with torch.no_grad():
+        layer.parametrizations.weight.original.neg_()
+    layer.eval()
+    with torch.set_grad_enabled(grad_enabled):
+        sigma = exact_sigma(layer)["weight"]
+    assert sigma == pytest.approx(2.0, rel=1e-5)
+
+
 # --- model averaging ------------------------------------------------------------------------
 
 
