@@ -279,10 +279,10 @@ def _pad_source(mode: str, left: int, right: int, n: int, device: torch.device) 
 def _pad_adjoint(grad: Tensor, pads: Sequence[tuple[int, int]], mode: str) -> Tensor:
     """The adjoint of ``F.pad(x, ..., mode)`` with ``(left, right)`` per spatial dimension.
 
-    ``grad`` is padded-shaped, its spatial dimensions last. Zeros padding: cut the borders
-    off. Circular, reflect and replicate pad each dimension by an index map (which input
-    entry each padded one copies): its adjoint adds every copy back into its source
-    (``index_add``), one dimension at a time (the nD pad is the product of the 1-D ones).
+    ``grad`` is padded-shaped, its spatial dimensions last. Each dimension at a time (the nD
+    pad is the product of the 1-D ones): zeros padding cuts the borders off; circular,
+    reflect and replicate padding copy entries into the borders, and the adjoint adds every
+    copy back into its source (:func:`_border_adjoint`).
     """
     first = grad.ndim - len(pads)
     for axis, (left, right) in enumerate(pads):
@@ -292,12 +292,38 @@ def _pad_adjoint(grad: Tensor, pads: Sequence[tuple[int, int]], mode: str) -> Te
         n = grad.shape[dim] - left - right
         if mode == "zeros":
             grad = grad.narrow(dim, left, n)
-            continue
+        else:
+            grad = _border_adjoint(grad, dim, left, right, n, mode)
+    return grad
+
+
+def _border_adjoint(grad: Tensor, dim: int, left: int, right: int, n: int, mode: str) -> Tensor:
+    """:func:`_pad_adjoint` along one dimension, for a mode that copies into the borders.
+
+    Each border is one block of copies, added back where it came from: a circular border
+    in place at the other end, a reflected one flipped next to the edge, a replicated one
+    summed into the edge. Written with slices rather than ``index_add`` over
+    :func:`_pad_source`: torch 2.13's inductor miscompiles that ``index_add`` on the CPU
+    (wrong strides for a channels-last source: it writes out of bounds). A circular border
+    wider than ``n`` (never from a conv, whose ``F.pad`` refuses it) takes ``index_add``.
+    """
+    lo, hi = grad.narrow(dim, 0, left), grad.narrow(dim, left + n, right)
+    if mode == "circular" and max(left, right) > n:
         source = _pad_source(mode, left, right, n, grad.device)
         shape = list(grad.shape)
         shape[dim] = n
-        grad = grad.new_zeros(shape).index_add_(dim, source, grad)
-    return grad
+        return grad.new_zeros(shape).index_add_(dim, source, grad)
+    out = grad.narrow(dim, left, n).clone()
+    if mode == "circular":
+        placed = [(lo, n - left), (hi, 0)]
+    elif mode == "reflect":  # index -j reads j, n - 1 + j reads n - 1 - j
+        placed = [(lo.flip(dim), 1), (hi.flip(dim), n - 1 - right)]
+    else:  # replicate: the border reads the edge
+        placed = [(lo.sum(dim, keepdim=True), 0), (hi.sum(dim, keepdim=True), n - 1)]
+    for block, offset in placed:
+        if block.shape[dim]:
+            out.narrow(dim, offset, block.shape[dim]).add_(block)
+    return out
 
 
 def _channel_blocks(weight: Tensor, groups: int) -> Tensor:

@@ -137,11 +137,6 @@ def _assert_same_operator_estimate(model: nn.Module, reference: nn.Module) -> No
         torch.testing.assert_close(norm._op_sigma, expected._op_sigma, rtol=1e-5, atol=0)
 
 
-@pytest.mark.skipif(
-    torch.__version__ < "2.14",
-    reason="torch 2.13's inductor aborts the process in the compiled graph of operator mode's "
-    "complex per-frequency step on the CPU (Fatal Python error: Aborted, found in CI's 2.13 lane)",
-)
 def test_operator_mode_circulants_and_small_operators_compile_in_one_graph() -> None:
     """Operator mode's exact paths (a circulant's frequency blocks, complex; a small
     operator on its whole input space) trace into one graph and train like eager."""
