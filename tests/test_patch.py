@@ -423,6 +423,73 @@ def test_patched_model_classes_and_hooks() -> None:
     torch.save(model.state_dict(), buffer)  # state_dict serializes
 
 
+def _pre_hooks(layer: nn.Module) -> list[object]:
+    return list(layer._forward_pre_hooks.values())
+
+
+def test_eval_mode_parks_the_pre_hook_and_training_puts_it_back_in_order() -> None:
+    # In eval the hook does nothing; a module with no forward pre-hook takes
+    # nn.Module.__call__'s fast path. Parked, it still marks the layer as patched.
+    model = snpatch.apply_spectral_norm(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)))
+    layer = model[0]
+    (hook,) = _pre_hooks(layer)
+    model.eval()
+    assert _pre_hooks(layer) == [] and _pre_hooks(model[2]) == []
+    assert list(snpatch.patched_layers(model)) == ["0", "2"]
+    assert set(snpatch.spectral_norms(layer)) == {"weight"}
+
+    def user(module: nn.Module, args: tuple[object, ...]) -> None:
+        return None
+
+    def framework(module: nn.Module, args: object, kwargs: object) -> None:  # fully_shard's kind
+        return None
+
+    layer.register_forward_pre_hook(user)
+    layer.register_forward_pre_hook(framework, prepend=True, with_kwargs=True)
+    model.train()
+    assert _pre_hooks(layer) == [framework, hook, user]
+    model.eval()  # not alone in its table: stays, as the general call path is taken anyway
+    assert _pre_hooks(layer) == [framework, hook, user]
+    # Training after eval still steps once per new weight value.
+    model.train()
+    x = torch.randn(5, 3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    for _ in range(3):
+        model(x).square().sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        model.eval()
+        model.train()
+    model(x)
+    for name, sub in snpatch.patched_layers(model).items():
+        assert exact_sigma(sub)["weight"] == pytest.approx(1.0, rel=1e-4), name
+
+
+def test_a_parked_hook_survives_copies_removal_and_restore_in_eval_mode() -> None:
+    model = snpatch.apply_spectral_norm(nn.Sequential(nn.Linear(3, 4))).eval()
+    copied = copy.deepcopy(model)
+    assert snpatch.is_patched(copied) and _pre_hooks(copied[0]) == []
+    copied.train()
+    (hook,) = _pre_hooks(copied[0])
+    assert hook is not snpatch.patch._hook(model[0])  # the copy's own
+    snapshot = snpatch.remove_spectral_norm(model)
+    assert not snpatch.is_patched(model) and snpatch.patch._PARKED not in model[0].__dict__
+    snpatch.restore_spectral_norm(model, snapshot)
+    assert snpatch.is_patched(model) and _pre_hooks(model[0]) == []  # patched in eval: parked
+    model.train()
+    assert len(_pre_hooks(model[0])) == 1
+
+
+def test_operator_mode_keeps_its_hook_in_eval_to_observe_input_sizes() -> None:
+    model = snpatch.apply_spectral_norm(nn.Sequential(nn.Conv2d(2, 3, 3)), method="operator")
+    model.eval()
+    assert len(_pre_hooks(model[0])) == 1
+    with torch.no_grad():
+        model(torch.randn(1, 2, 6, 6))
+    (norm,) = snpatch.spectral_norms(model[0]).values()
+    assert isinstance(norm, snpatch.operator.OperatorNorm) and norm.input_size == (6, 6)
+
+
 def _gram_sigma(weight: torch.Tensor) -> float:
     matrix = weight_to_matrix(weight.detach().double(), 0)
     gram = matrix @ matrix.T if matrix.shape[0] <= matrix.shape[1] else matrix.T @ matrix
