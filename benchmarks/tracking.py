@@ -6,7 +6,13 @@ very tensor the forward used and no extra iteration runs) and their exact sigma 
 in float64. Reported per case and variant: the worst |sigma / c - 1| over all patched
 weights and steps, where it happened, and how many weights were ever more than 0.5% off.
 
-    python benchmarks/tracking.py [--cases resnet18-adam swin_t-adam] [--variants snpatch torch]
+    python benchmarks/tracking.py [--cases resnet18-adam swin_t-adam]
+                                  [--variants snpatch snpatch-accelerator torch]
+
+Variants: ``snpatch``; ``snpatch-accelerator``, snpatch's code path on an accelerator (CUDA),
+run here on the CPU: the block step alone, without the CPU's same-step refresh, whose
+decision would synchronize a device (``snpatch.engine.refreshes``); ``torch``, torch's
+``parametrizations.spectral_norm``.
 
 Cases (issue 14's reproductions):
     resnet18-adam      resnet18, Adam lr 2e-4, one fixed batch of 8 x 32x32, 20 steps
@@ -26,6 +32,7 @@ Cases (issue 14's reproductions):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -36,6 +43,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrizations, parametrize
 
 import snpatch
+import snpatch.engine
 from snpatch.parametrization import weight_to_matrix
 from snpatch.patch import layer_targets
 
@@ -186,7 +194,7 @@ def run(case: Case, variant: str) -> tuple[float, str, int, int]:
     """(worst error, its weight, its step, weights ever > 0.5% off) of one training run."""
     torch.manual_seed(1)
     model = case.model()
-    targets = _snpatch(model) if variant == "snpatch" else _torch_spectral_norm(model)
+    targets = _torch_spectral_norm(model) if variant == "torch" else _snpatch(model)
     optimizer = case.optimizer(model.parameters())
     generator = torch.Generator().manual_seed(2)
     fixed = torch.randn(case.batch, generator=generator)
@@ -211,23 +219,43 @@ def run(case: Case, variant: str) -> tuple[float, str, int, int]:
     return worst.result()
 
 
+@contextlib.contextmanager
+def _variant(variant: str) -> Iterator[None]:
+    """The engine as ``variant`` runs it (``snpatch-accelerator``: no refresh, as on CUDA)."""
+    if variant != "snpatch-accelerator":
+        yield
+        return
+    refreshes = snpatch.engine.refreshes
+    snpatch.engine.refreshes = lambda device: False
+    try:
+        yield
+    finally:
+        snpatch.engine.refreshes = refreshes
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     names = [*CASES, *OPERATOR_CASES]
     parser.add_argument("--cases", nargs="+", default=names, choices=names)
-    parser.add_argument("--variants", nargs="+", default=["snpatch", "torch"])
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=["snpatch", "torch"],
+        choices=["snpatch", "snpatch-accelerator", "torch"],
+    )
     args = parser.parse_args()
     print("| case | variant | worst abs(sigma/c - 1) | where (step) | weights > 0.5% | time |")
     print("|---|---|---|---|---|---|")
     for name in args.cases:
         for variant in args.variants:
-            if name in OPERATOR_CASES and variant != "snpatch":
+            if name in OPERATOR_CASES and variant == "torch":
                 continue  # torch's spectral norm has no operator mode
             start = time.perf_counter()
-            if name in OPERATOR_CASES:
-                worst, where, when, off = run_digits_operator(name)
-            else:
-                worst, where, when, off = run(CASES[name], variant)
+            with _variant(variant):
+                if name in OPERATOR_CASES:
+                    worst, where, when, off = run_digits_operator(name)
+                else:
+                    worst, where, when, off = run(CASES[name], variant)
             seconds = time.perf_counter() - start
             print(
                 f"| {name} | {variant} | {100 * worst:.3f}% | {where} ({when}) | {off} "
