@@ -8,6 +8,7 @@ weights and steps, where it happened, and how many weights were ever more than 0
 
     python benchmarks/tracking.py [--cases resnet18-adam swin_t-adam]
                                   [--variants snpatch snpatch-accelerator torch]
+                                  [--n-power-iterations N]
 
 Variants: ``snpatch``; ``snpatch-accelerator``, snpatch's code path on an accelerator (CUDA),
 run here on the CPU: the block step alone, without the CPU's same-step refresh, whose
@@ -88,21 +89,23 @@ CASES = {
 }
 
 
-def _torch_spectral_norm(model: nn.Module) -> dict[str, tuple[nn.Module, str, int]]:
+def _torch_spectral_norm(model: nn.Module, steps: int) -> dict[str, tuple[nn.Module, str, int]]:
     """torch's parametrizations.spectral_norm on the layers snpatch would patch."""
     targets = {}
     for name in snpatch.select_layers(model):
         layer = model.get_submodule(name)
         for target in layer_targets(layer):
             owner = layer.get_submodule(target.path) if target.path else layer
-            parametrizations.spectral_norm(owner, target.tensor_name, dim=target.dim)
+            parametrizations.spectral_norm(
+                owner, target.tensor_name, n_power_iterations=steps, dim=target.dim
+            )
             key = ".".join(p for p in (name, target.path, target.tensor_name) if p)
             targets[key] = (owner, target.tensor_name, target.dim)
     return targets
 
 
-def _snpatch(model: nn.Module) -> dict[str, tuple[nn.Module, str, int]]:
-    snpatch.apply_spectral_norm(model)
+def _snpatch(model: nn.Module, steps: int) -> dict[str, tuple[nn.Module, str, int]]:
+    snpatch.apply_spectral_norm(model, n_power_iterations=steps)
     targets = {}
     for name, layer in snpatch.patched_layers(model).items():
         for key, norm in snpatch.spectral_norms(layer).items():
@@ -149,7 +152,7 @@ def _digits_convs(name: str) -> tuple[list[nn.Conv2d], list[tuple[int, int]], fl
     return convs, [(8, 8), (8, 8), (8, 8), (4, 4)], 1e-3, 3
 
 
-def run_digits_operator(name: str) -> tuple[float, str, int, int]:
+def run_digits_operator(name: str, steps: int = 1) -> tuple[float, str, int, int]:
     """:func:`run` for an operator-mode case on load_digits (issue 14's reproduction)."""
     from sklearn.datasets import load_digits
 
@@ -164,7 +167,7 @@ def run_digits_operator(name: str) -> tuple[float, str, int, int]:
     for conv in convs:
         layers += [conv, nn.ReLU()]
     model = nn.Sequential(*layers[:-1], nn.Flatten())
-    snpatch.apply_spectral_norm(model, method="operator")
+    snpatch.apply_spectral_norm(model, method="operator", n_power_iterations=steps)
     keys = {
         f"{2 * i}.weight": (conv, size)
         for i, (conv, size) in enumerate(zip(convs, sizes, strict=True))
@@ -190,11 +193,13 @@ def run_digits_operator(name: str) -> tuple[float, str, int, int]:
     return worst.result()
 
 
-def run(case: Case, variant: str) -> tuple[float, str, int, int]:
-    """(worst error, its weight, its step, weights ever > 0.5% off) of one training run."""
+def run(case: Case, variant: str, steps: int = 1) -> tuple[float, str, int, int]:
+    """(worst error, its weight, its step, weights ever > 0.5% off) of one training run,
+    with ``steps`` power iterations per training step."""
     torch.manual_seed(1)
     model = case.model()
-    targets = _torch_spectral_norm(model) if variant == "torch" else _snpatch(model)
+    patch = _torch_spectral_norm if variant == "torch" else _snpatch
+    targets = patch(model, steps)
     optimizer = case.optimizer(model.parameters())
     generator = torch.Generator().manual_seed(2)
     fixed = torch.randn(case.batch, generator=generator)
@@ -243,6 +248,12 @@ def main() -> None:
         default=["snpatch", "torch"],
         choices=["snpatch", "snpatch-accelerator", "torch"],
     )
+    parser.add_argument(
+        "--n-power-iterations",
+        type=int,
+        default=1,
+        help="power iterations per training step, for every variant (default 1)",
+    )
     args = parser.parse_args()
     print("| case | variant | worst abs(sigma/c - 1) | where (step) | weights > 0.5% | time |")
     print("|---|---|---|---|---|---|")
@@ -253,9 +264,9 @@ def main() -> None:
             start = time.perf_counter()
             with _variant(variant):
                 if name in OPERATOR_CASES:
-                    worst, where, when, off = run_digits_operator(name)
+                    worst, where, when, off = run_digits_operator(name, args.n_power_iterations)
                 else:
-                    worst, where, when, off = run(CASES[name], variant)
+                    worst, where, when, off = run(CASES[name], variant, args.n_power_iterations)
             seconds = time.perf_counter() - start
             print(
                 f"| {name} | {variant} | {100 * worst:.3f}% | {where} ({when}) | {off} "
