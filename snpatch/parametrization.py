@@ -714,7 +714,7 @@ class SpectralNorm(nn.Module):
         after the last step (a large optimizer step, then eval) that ``u`` and ``v`` no
         longer describe it: torch divides by the negative value (the weight's sign flips)
         and snpatch by 1 (the rule for a zero weight), and either bounds nothing. There it is
-        ``|W v|`` with ``u = W v / |W v|`` (torch's ``u`` is unchanged where ``W v = 0``).
+        ``|W v|`` with ``u = W v / |W v|``.
         """
         with torch.no_grad(), autocast_off(weight.device):
             u = self._u
@@ -722,7 +722,8 @@ class SpectralNorm(nn.Module):
             estimate = torch.vdot(u, wv)
             valid = estimate > 0
             norm = torch.linalg.vector_norm(wv)
-            fallback = torch.where(norm > 0, wv / norm, u)
+            # (A zero W v gives a zero u: the divisor is then 1, a constant, see scale_of.)
+            fallback = wv / norm.clamp_min(torch.finfo(norm.dtype).tiny)
             return torch.where(valid, u, fallback), torch.where(valid, estimate, norm)
 
     def forward(self, weight: Tensor) -> Tensor:
