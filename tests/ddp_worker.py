@@ -192,15 +192,19 @@ def catch_up(model: nn.Module, x: torch.Tensor) -> None:
         model(x)
 
 
-def fsdp(rank: int, method: str, bf16: bool = False) -> dict[str, torch.Tensor]:
+def fsdp(
+    rank: int, method: str, bf16: bool = False, shard_in_eval: bool = False
+) -> dict[str, torch.Tensor]:
     """Patch, ``fully_shard``, train with Adam on this rank's shard. Midway, ``exported()``
     must be refused and change nothing. At the end (after :func:`catch_up`): the state, the
     ``plain_state_dict`` (gathered) and, with ``bf16``, the bfloat16 weights the last
-    iteration step ran on."""
+    iteration step ran on. With ``shard_in_eval``, ``fully_shard`` runs in eval mode, where
+    snpatch's pre-hooks are parked: training must put them back after fully_shard's."""
     # fully_shard broadcasts nothing: every rank must start from the same weights.
     torch.manual_seed(MODEL_SEED)
     model = patch(make_model(), method)
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16) if bf16 else MixedPrecisionPolicy()
+    model.train(not shard_in_eval)
     shard(model, mp_policy=policy)
     optimizer = adam(model)
     x, y = make_batch()
@@ -328,6 +332,8 @@ def scenario(name: str, rank: int, directory: Path) -> dict[str, torch.Tensor]:
             return fsdp(rank, "matrix")
         if name == "fsdp_operator":
             return fsdp(rank, "operator")
+        if name == "fsdp_sharded_in_eval":
+            return fsdp(rank, "matrix", shard_in_eval=True)
         if name == "fsdp_bf16":
             return fsdp(rank, "matrix", bf16=True)
         if name == "fsdp_patch_after_shard":

@@ -105,6 +105,7 @@ SCENARIOS = [
     "compiled_aot_eager",
     "fsdp",
     "fsdp_operator",
+    "fsdp_sharded_in_eval",
     "fsdp_bf16",
     "fsdp_patch_after_shard",
     "fsdp_checkpoint",
@@ -258,13 +259,16 @@ def _assert_refused_midway(found: dict[str, torch.Tensor]) -> None:
     assert int(found.pop("patched_after_refusal")) == 3
 
 
-@pytest.mark.parametrize("method", ["matrix", "operator"])
+@pytest.mark.parametrize(
+    ("scenario", "method"),
+    [("fsdp", "matrix"), ("fsdp_operator", "operator"), ("fsdp_sharded_in_eval", "matrix")],
+)
 def test_fsdp_state_is_identical_across_ranks_and_matches_one_process(
-    ranks: list[Results], method: str
+    ranks: list[Results], scenario: str, method: str
 ) -> None:
-    # Patch, fully_shard each layer and the root, Adam on different data per rank; an
-    # exported() midway is refused and changes nothing.
-    scenario = "fsdp" if method == "matrix" else "fsdp_operator"
+    # Patch, fully_shard each layer and the root (fsdp_sharded_in_eval: in eval mode, with
+    # snpatch's pre-hooks parked), Adam on different data per rank; an exported() midway is
+    # refused and changes nothing.
     states = [dict(rank[scenario]) for rank in ranks]
     for found in states:
         _assert_refused_midway(found)
