@@ -265,17 +265,6 @@ class ConvSpec:
         return tuple(out)
 
 
-def _pad_source(mode: str, left: int, right: int, n: int, device: torch.device) -> Tensor:
-    """Where each of ``F.pad``'s ``left + n + right`` entries along one dimension reads from."""
-    index = torch.arange(-left, n + right, device=device)
-    if mode == "circular":
-        return index.remainder(n)
-    if mode == "replicate":
-        return index.clamp(0, n - 1)
-    # reflect, the edge not repeated: -1 -> 1, n -> n - 2.
-    return (n - 1) - ((n - 1) - index.abs()).abs()
-
-
 def _pad_adjoint(grad: Tensor, pads: Sequence[tuple[int, int]], mode: str) -> Tensor:
     """The adjoint of ``F.pad(x, ..., mode)`` with ``(left, right)`` per spatial dimension.
 
@@ -302,17 +291,12 @@ def _border_adjoint(grad: Tensor, dim: int, left: int, right: int, n: int, mode:
 
     Each border is one block of copies, added back where it came from: a circular border
     in place at the other end, a reflected one flipped next to the edge, a replicated one
-    summed into the edge. Written with slices rather than ``index_add`` over
-    :func:`_pad_source`: torch 2.13's inductor miscompiles that ``index_add`` on the CPU
-    (wrong strides for a channels-last source: it writes out of bounds). A circular border
-    wider than ``n`` (never from a conv, whose ``F.pad`` refuses it) takes ``index_add``.
+    summed into the edge. (Not an ``index_add`` over the padding's index map: torch 2.13's
+    inductor miscompiles that on the CPU, with wrong strides for a channels-last source, and
+    writes out of bounds.) No border is wider than ``n``: ``F.pad`` refuses a circular one
+    that would wrap more than once, and a reflected one of ``n`` or more.
     """
     lo, hi = grad.narrow(dim, 0, left), grad.narrow(dim, left + n, right)
-    if mode == "circular" and max(left, right) > n:
-        source = _pad_source(mode, left, right, n, grad.device)
-        shape = list(grad.shape)
-        shape[dim] = n
-        return grad.new_zeros(shape).index_add_(dim, source, grad)
     out = grad.narrow(dim, left, n).clone()
     if mode == "circular":
         placed = [(lo, n - left), (hi, 0)]
@@ -525,7 +509,8 @@ def _circulant_norm(
 
 
 def _pad_copies(mode: str, left: int, right: int, n: int) -> int:
-    """The most copies ``F.pad`` makes of one of ``n`` entries (as :func:`_pad_source` maps)."""
+    """The most copies ``F.pad`` makes of one of ``n`` entries (by which entry each of its
+    ``left + n + right`` reads from)."""
     counts = [0] * n
     for index in range(-left, n + right):
         if mode == "circular":
