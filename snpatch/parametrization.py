@@ -627,8 +627,7 @@ class SpectralNorm(nn.Module):
         """
         if self.n_power_iterations == 0:
             if first:
-                with autocast_off(weight.device):
-                    self._sigma.copy_(torch.vdot(self._u, self._matrix(weight) @ self._v))
+                self._sigma.copy_(self._torch_estimate(weight))
                 self._fresh = None
             return []
         return self._matrix_products(weight)
@@ -706,6 +705,11 @@ class SpectralNorm(nn.Module):
     def sigma(self, weight: Tensor) -> Tensor:
         """The estimate the eval forward divides by (no grad): see :meth:`_eval_vectors`."""
         return self._eval_vectors(weight)[1]
+
+    def _torch_estimate(self, weight: Tensor) -> Tensor:
+        """torch's estimate ``u^T W v`` for ``weight`` with the current ``u``, ``v`` (no grad)."""
+        with torch.no_grad(), autocast_off(weight.device):
+            return torch.vdot(self._u, self._matrix(weight) @ self._v)
 
     def _eval_vectors(self, weight: Tensor) -> tuple[Tensor, Tensor]:
         """The left vector and the estimate the eval forward uses (no grad).

@@ -31,7 +31,7 @@ from ._compat import (
     unwrap_hook,
 )
 from .distributed import check_not_wrapped, gathered
-from .engine import Cohort, autocast_off, installed, original_tensor, step_norms
+from .engine import Cohort, installed, original_tensor, step_norms
 from .errors import (
     AlreadyPatchedError,
     InvalidArgumentError,
@@ -773,9 +773,8 @@ def _loaded_divisor(norm: SpectralNorm, original: Tensor) -> float | None:
     """``u^T W v``, torch's divisor, for the loaded vectors (None for operator norms)."""
     if isinstance(norm, OperatorNorm) and (norm.certified or norm.input_size is not None):
         return None
-    with torch.no_grad(), autocast_off(original.device):
-        matrix = norm._matrix(gathered(original))  # a DTensor under fully_shard: every rank
-        return float(torch.vdot(norm._u, matrix @ norm._v))
+    # A DTensor under fully_shard: every rank gathers.
+    return float(norm._torch_estimate(gathered(original)))
 
 
 def _build(
