@@ -11,8 +11,9 @@ weights and steps, where it happened, and how many weights were ever more than 0
                                   [--n-power-iterations N]
 
 Variants: ``snpatch``; ``snpatch-accelerator``, snpatch's code path on an accelerator (CUDA),
-run here on the CPU: the block step alone, without the CPU's same-step refresh, whose
-decision would synchronize a device (``snpatch.engine.refreshes``); ``torch``, torch's
+run here on the CPU (``snpatch.engine.on_accelerator``): matrices up to 512 on their smaller side
+solved exactly from their Grams at every step, the others (and operators) stepped without the
+CPU's same-step refresh, whose decision would synchronize a device; ``torch``, torch's
 ``parametrizations.spectral_norm``.
 
 Cases (issue 14's reproductions):
@@ -226,16 +227,16 @@ def run(case: Case, variant: str, steps: int = 1) -> tuple[float, str, int, int]
 
 @contextlib.contextmanager
 def _variant(variant: str) -> Iterator[None]:
-    """The engine as ``variant`` runs it (``snpatch-accelerator``: no refresh, as on CUDA)."""
+    """The engine as ``variant`` runs it (``snpatch-accelerator``: as on CUDA)."""
     if variant != "snpatch-accelerator":
         yield
         return
-    refreshes = snpatch.engine.refreshes
-    snpatch.engine.refreshes = lambda device: False
+    on_accelerator = snpatch.engine.on_accelerator
+    snpatch.engine.on_accelerator = lambda device: True
     try:
         yield
     finally:
-        snpatch.engine.refreshes = refreshes
+        snpatch.engine.on_accelerator = on_accelerator
 
 
 def main() -> None:

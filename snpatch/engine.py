@@ -24,8 +24,12 @@ of small launches for the whole model, plus the products with each weight.
 On the CPU, where reading a value on the host costs nothing, a step whose weight moved too
 fast for it (the top Ritz vector's residual, from the same Grams, above
 :data:`REFRESH_RESIDUAL`) is redone in the same call on a Krylov space
-(:func:`krylov_block`); on an accelerator that decision would synchronize, so there the step
-is the sync-free one alone (``docs/design/engine.md``, section 2).
+(:func:`krylov_block`). On an accelerator that decision would synchronize; there a matrix
+whose smaller side is at most :data:`GRAM_LIMIT_ACCELERATOR` is instead solved at every
+step from its Gram matrix (:func:`gram_step`: ``W W^T`` or ``W^T W``, its top eigenvector
+by repeated squaring, batched by size), which no move of the weight leaves behind, and
+whose flops a GPU does in microseconds; the CPU does so up to :data:`GRAM_LIMIT_CPU`
+(``docs/design/engine.md``, section 2).
 """
 
 from __future__ import annotations
@@ -48,12 +52,15 @@ if TYPE_CHECKING:
 __all__ = [
     "BlockProducts",
     "Cohort",
+    "GramProducts",
     "Ritz",
     "RitzRow",
     "autocast_off",
     "block_step",
+    "gram_limit",
     "installed",
     "next_block",
+    "on_accelerator",
     "original_tensor",
     "ritz",
     "scale_of",
@@ -80,6 +87,23 @@ REFRESH_RISE = 1e-3
 #: one (an operator solved exactly on a basis of up to 64 vectors) only with blocks of its
 #: own width: padding the others up to it would cost more than it saves.
 SHARED_WIDTH = 16
+
+#: A matrix whose smaller side is at most this is solved from its Gram matrix at every
+#: step on an accelerator (:class:`GramProducts`), whatever its weight did since the last
+#: step: no tracked block follows a fast move (``docs/design/engine.md``, section 2), and the
+#: refresh that the CPU decides per step would synchronize a device. The Gram costs
+#: ``2 m n p`` flops and its squarings ``2 p^3`` each (``p`` the smaller side): at 640 those
+#: are 5 GFLOP, about 0.1 ms of a current datacenter GPU, in a fixed number of launches for
+#: all the weights of a size class (mobilenet_v3_small's 576-wide head is under it).
+GRAM_LIMIT_ACCELERATOR = 640
+#: The same on the CPU, where a step costs its flops: only small matrices, for which the
+#: Gram and its squarings cost less than the block step's many small operations (the 2-D
+#: mixture discriminator's 64-wide layers).
+GRAM_LIMIT_CPU = 64
+#: Squarings of a Gram matrix: ``G^(2^10)``, whose top column's Rayleigh quotient gives
+#: sigma to 1e-6 relative on a flat spectrum with a pair 1e-4 apart at its top (8: 1.7e-4;
+#: 512 x 4608 Gaussian: 6e-8, with 8 3e-5), in float32.
+GRAM_SQUARINGS = 10
 
 #: Squarings of the whitened ``k x k`` problem: ``M^(2^8)`` leaves a second eigenvalue
 #: 0.98 of the first (singular values 1% apart) at 0.6% of it, for a sigma error of ~1e-7.
@@ -260,6 +284,110 @@ class BlockProducts:
         return self.grams[1] if self.grams is not None else _adjoint(self.z) @ self.z
 
 
+@dataclass
+class GramProducts:
+    """One estimator's half of an exact step: a Gram matrix ``G`` (``p x p``).
+
+    ``G`` is a matrix's ``W W^T`` or ``W^T W``, or an operator's ``A A^T`` or ``A^T A``,
+    whichever is smaller: its top eigenvector is a top singular vector. The step finds its top
+    eigenvector ``x`` (unit, or zero for a zero weight) and ``sigma = sqrt(x^T G x)`` with
+    the other Grams of its size class (:func:`gram_step`); ``finish(x, sigma, divisor,
+    scale)`` (``divisor``: ``sigma``, at least the smallest normal number) writes the
+    estimator's new state and returns the ``(buffer, value)`` pairs to be copied with the
+    batch; ``commit()``, if given, runs after those copies.
+    """
+
+    gram: Tensor
+    finish: Callable[[Tensor, Tensor, Tensor, Tensor | None], list[tuple[Tensor, Tensor]]]
+    #: The options of the scale computed with the batch (None: no scale, ``finish`` gets None).
+    scale_options: ScaleOptions | None = None
+    commit: Callable[[], None] | None = None
+    #: Squarings of the top eigenvector's solve (items are batched by it).
+    squarings: int = GRAM_SQUARINGS
+
+
+#: Grams are batched at sizes that are multiples of this, so that the squarings' flops
+#: waste little on padding.
+GRAM_SIZE_STEP = 64
+#: Grams of up to this size are batched together, at the size of the largest among them
+#: rounded up to :data:`GRAM_SIZE_STEP`: a batch's fixed cost is some 45 launches, and
+#: squaring 128 x 128 instead of 64 x 64 costs a GPU microseconds.
+GRAM_SMALL_SIZE = 128
+
+
+def _rounded(p: int) -> int:
+    return -(-p // GRAM_SIZE_STEP) * GRAM_SIZE_STEP
+
+
+def _size_class(p: int) -> int:
+    """A ``p x p`` Gram's batch: 0 for the small ones (see :data:`GRAM_SMALL_SIZE`)."""
+    return 0 if p <= GRAM_SMALL_SIZE else _rounded(p)
+
+
+def gram_step(products: Sequence[GramProducts]) -> None:
+    """Exact steps of the estimators in ``products``, batched by dtype, device, options, size.
+
+    Each Gram is padded with zeros to its size class (the extra eigenvalues are 0, and the
+    top eigenvector is zero there); the batch's top eigenvectors come from
+    :func:`_top_eigenvector` in :data:`GRAM_SQUARINGS` squarings, their Rayleigh quotients
+    and scales in the same batch, and the buffer writes are one ``_foreach_copy_`` per
+    batch. Nothing here depends on the previous state, so no move of the weight, however
+    large, leaves it behind.
+    """
+    groups: dict[
+        tuple[torch.dtype, torch.device, ScaleOptions | None, int, int], list[GramProducts]
+    ] = {}
+    for item in products:
+        gram, size = item.gram, _size_class(item.gram.shape[-1])
+        key = (gram.dtype, gram.device, item.scale_options, size, item.squarings)
+        groups.setdefault(key, []).append(item)
+    for (dtype, device, options, size, squarings), items in groups.items():
+        if size == 0:
+            size = _rounded(max(item.gram.shape[-1] for item in items))
+        tiny = torch.finfo(dtype).tiny
+        with autocast_off(device):
+            grams = torch.stack([_padded_zeros(item.gram, size) for item in items])
+            tops = _top_eigenvector(grams, squarings)
+            tops = tops / torch.linalg.vector_norm(tops, dim=-2, keepdim=True).clamp_min(tiny)
+            quotients = torch.bmm(tops.mT, torch.bmm(grams, tops)).flatten()
+            sigmas = quotients.clamp_min(0).sqrt()
+            divisors = sigmas.clamp_min(tiny)
+            scales = scale_of(sigmas, *options).unbind() if options else [None] * len(items)
+            copies: list[tuple[Tensor, Tensor]] = []
+            for item, top, sigma, divisor, scale in zip(
+                items,
+                tops.squeeze(-1).unbind(),
+                sigmas.unbind(),
+                divisors.unbind(),
+                scales,
+                strict=True,
+            ):
+                p = item.gram.shape[-1]
+                copies.extend(item.finish(top if p == size else top[:p], sigma, divisor, scale))
+            _copy(copies)
+        for item in items:
+            if item.commit is not None:
+                item.commit()
+
+
+def _padded_zeros(gram: Tensor, size: int) -> Tensor:
+    """``gram`` as the leading block of a ``size x size`` matrix of zeros."""
+    pad = size - gram.shape[-1]
+    return gram if pad == 0 else torch.nn.functional.pad(gram, (0, pad, 0, pad))
+
+
+def _copy(copies: Sequence[tuple[Tensor, Tensor]]) -> None:
+    """``target.copy_(value)`` for each pair: one ``_foreach_copy_`` (eager)."""
+    if torch.compiler.is_compiling():
+        # Inductor (torch 2.14) lets a later backward write into buffers updated by
+        # ``_foreach_copy_`` in the forward graph: one copy each there.
+        for target, value in copies:
+            target.copy_(value)
+    elif copies:
+        targets, values = zip(*copies, strict=True)
+        foreach_copy_(targets, values)
+
+
 def next_block(z: Tensor, block: Tensor, row: RitzRow) -> Tensor:
     """The next block (``n x k`` columns) from ``Z`` and the current one (see :func:`ritz`)."""
     tau = row.tau if row.tau.dim() == 0 else row.tau.reshape(-1, 1, 1)  # (batched items)
@@ -292,14 +420,30 @@ def residuals(result: Ritz) -> Tensor:
     return residual
 
 
+def on_accelerator(device: torch.device) -> bool:
+    """Whether ``device`` takes the accelerator's path: no decision on the host, Grams.
+
+    The one switch between the two cost models (``benchmarks/tracking.py`` turns it on to
+    run the accelerator's path on the CPU): on the CPU a step costs its flops and reading a
+    value on the host is free; on an accelerator flops are cheap, and launches and host
+    synchronizations are what a step costs.
+    """
+    return device.type != "cpu"
+
+
 def refreshes(device: torch.device) -> bool:
     """Whether steps on ``device`` are refreshed where their residual is large.
 
     The decision to refresh reads the residuals on the host: free on the CPU, a
-    synchronization on an accelerator (where the step stays sync-free and unrefreshed), and
-    data-dependent control flow under ``torch.compile``.
+    synchronization on an accelerator (where the matrices up to :func:`gram_limit` are
+    exact at every step instead), and data-dependent control flow under ``torch.compile``.
     """
-    return device.type == "cpu" and not torch.compiler.is_compiling()
+    return not on_accelerator(device) and not torch.compiler.is_compiling()
+
+
+def gram_limit(device: torch.device) -> int:
+    """The largest smaller side of a matrix solved from its Gram on ``device``."""
+    return GRAM_LIMIT_ACCELERATOR if on_accelerator(device) else GRAM_LIMIT_CPU
 
 
 def krylov_block(item: BlockProducts, row: RitzRow, depth: int = REFRESH_DEPTH) -> Tensor:
@@ -444,12 +588,12 @@ def _batch(gram: Tensor) -> Tensor:
     return gram if gram.dim() == 3 else gram.unsqueeze(0)
 
 
-def block_step(products: Sequence[BlockProducts]) -> None:
+def block_step(products: Sequence[BlockProducts | GramProducts]) -> None:
     """One step of every estimator in ``products``; the small linear algebra batched.
 
-    Estimators are batched by dtype, device and scale options (smaller blocks padded to
-    the largest, see :func:`_padded`; blocks wider than :data:`SHARED_WIDTH` by width) and
-    by the squarings they ask for.
+    :class:`GramProducts` go to :func:`gram_step`. The others are batched by dtype, device
+    and scale options (smaller blocks padded to the largest, see :func:`_padded`; blocks
+    wider than :data:`SHARED_WIDTH` by width) and by the squarings they ask for.
     The buffer writes are one ``_foreach_copy_`` per batch.
 
     Where :func:`refreshes` allows it (the CPU), an estimator whose top Ritz vector has a
@@ -457,10 +601,15 @@ def block_step(products: Sequence[BlockProducts]) -> None:
     too fast for one block step to follow) is stepped again, in the same call, from a
     :func:`krylov_block`; the weights that moved slowly cost nothing more.
     """
+    exact = [item for item in products if isinstance(item, GramProducts)]
+    if exact:
+        gram_step(exact)
     groups: dict[
         tuple[torch.dtype, torch.device, ScaleOptions | None, int, int], list[BlockProducts]
     ] = {}
     for item in products:
+        if isinstance(item, GramProducts):
+            continue
         width = item.y.shape[-1]
         shared = 0 if width <= SHARED_WIDTH else width
         key = (item.y.dtype, item.y.device, item.scale_options, shared, item.squarings)
@@ -474,14 +623,7 @@ def block_step(products: Sequence[BlockProducts]) -> None:
             copies: list[tuple[Tensor, Tensor]] = []
             for item, row in zip(items, rows, strict=True):
                 copies.extend(item.finish(item.y, item.z, row))
-            if torch.compiler.is_compiling():
-                # Inductor (torch 2.14) lets a later backward write into buffers updated by
-                # ``_foreach_copy_`` in the forward graph: one copy each there.
-                for target, value in copies:
-                    target.copy_(value)
-            elif copies:
-                targets, values = zip(*copies, strict=True)
-                foreach_copy_(targets, values)
+            _copy(copies)
         for item in items:
             if item.commit is not None:
                 item.commit()
@@ -584,7 +726,7 @@ def step_norms(items: Iterable[tuple[SpectralNorm, Tensor]]) -> None:
     rounds = 0
     with torch.no_grad():
         while pending:
-            products = []
+            products: list[BlockProducts | GramProducts] = []
             for norm, weight in pending:
                 products.extend(norm.step_products(weight, first=rounds == 0))
             if products:

@@ -55,7 +55,15 @@ from torch import Tensor, nn
 
 from ._compat import ConvNd, conv_pad, version_counter
 from .distributed import gathered, sharded_like
-from .engine import EXACT_SQUARINGS, BlockProducts, RitzRow, block_step, next_block, scale_of
+from .engine import (
+    EXACT_SQUARINGS,
+    BlockProducts,
+    GramProducts,
+    RitzRow,
+    block_step,
+    next_block,
+    scale_of,
+)
 from .parametrization import (
     _LANCZOS_MAX_STEPS,
     _LOW_PRECISION,
@@ -1284,7 +1292,9 @@ class OperatorNorm(SpectralNorm):
             self._fit_operator_block(self._state(weight))
             block_step(self._operator_products(weight))
 
-    def step_products(self, weight: Tensor, *, first: bool) -> list[BlockProducts]:
+    def step_products(
+        self, weight: Tensor, *, first: bool
+    ) -> Sequence[BlockProducts | GramProducts]:
         if self.input_size is None:
             return super().step_products(weight, first=first)
         if self.n_power_iterations == 0:

@@ -8,12 +8,14 @@ right singular vectors (``_block``, not saved) and runs a *block* power iteratio
 Rayleigh-Ritz step: reading the weight dominates the cost, and multiplying it by a block
 of ``k`` vectors reads it once, just as a matrix-vector product does, while the block
 keeps tracking the top singular value when the top of the spectrum is clustered (where
-one vector per step falls behind).
+one vector per step falls behind). A matrix whose smaller side is at most
+:func:`snpatch.engine.gram_limit` (64 on the CPU, 640 on an accelerator) is instead solved
+from its Gram matrix at every step, and its block is not used.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, Literal, cast
 
 import torch
@@ -31,9 +33,11 @@ from .distributed import gathered, sharded_like
 from .engine import (
     BlockProducts,
     Cohort,
+    GramProducts,
     RitzRow,
     autocast_off,
     block_step,
+    gram_limit,
     next_block,
     scale_of,
     step_norms,
@@ -619,7 +623,9 @@ class SpectralNorm(nn.Module):
         """Advance the iteration ``n_power_iterations`` steps for the current ``weight``."""
         step_norms([(self, weight)])
 
-    def step_products(self, weight: Tensor, *, first: bool) -> list[BlockProducts]:
+    def step_products(
+        self, weight: Tensor, *, first: bool
+    ) -> Sequence[BlockProducts | GramProducts]:
         """This estimator's products for one step of :func:`snpatch.engine.block_step`.
 
         With ``n_power_iterations == 0`` there is no step: ``sigma`` is ``u^T W v`` for the
@@ -630,25 +636,46 @@ class SpectralNorm(nn.Module):
                 self._sigma.copy_(self._torch_estimate(weight))
                 self._fresh = None
             return []
+        if not first and self._solved_exactly(weight):
+            return []  # (the first round was exact: more would change nothing)
         return self._matrix_products(weight)
 
-    def _matrix_products(self, weight: Tensor) -> list[BlockProducts]:
+    def _solved_exactly(self, weight: Tensor) -> bool:
+        """Whether each step solves ``weight`` exactly, from its Gram (:func:`gram_limit`)."""
+        return min(weight_to_matrix(weight, self.dim).shape) <= gram_limit(weight.device)
+
+    def _matrix_products(self, weight: Tensor) -> list[BlockProducts | GramProducts]:
         with autocast_off(weight.device):
             matrix = self._matrix(weight)
+            if self._solved_exactly(weight):
+                return [self._gram_products(matrix)]
         block = self._buffers["_block"]
         assert block is not None
-        if block.shape[1] == matrix.shape[0]:
-            # The block can hold the whole row space: take it, W^T itself (the step solves
-            # on a basis that need not be orthonormal), and the step is exact, every time.
-            return [self._products(matrix, matrix.mT, exact=True)]
         return [self._products(matrix, block)]
 
-    def _products(self, matrix: Tensor, block: Tensor, *, exact: bool = False) -> BlockProducts:
-        """``Y = W B``, ``Z = W^T Y`` and their Grams, for the matrix ``W`` and block ``B``.
+    def _gram_products(self, matrix: Tensor) -> GramProducts:
+        """The exact step's Gram ``W W^T`` or ``W^T W`` (the smaller), and its finish."""
+        rows, cols = matrix.shape
+        wide = rows <= cols
+        gram = matrix @ matrix.mT if wide else matrix.mT @ matrix
 
-        ``exact``: ``B`` spans the whole row space of ``W``, so the step is exact and is
-        never refreshed.
-        """
+        def finish(
+            top: Tensor, sigma: Tensor, divisor: Tensor, scale: Tensor | None
+        ) -> list[tuple[Tensor, Tensor]]:
+            # top: the unit top left (wide) or right singular vector; the other is its
+            # image over sigma, so that u^T W v is sigma, as torch's vectors make it.
+            image = torch.mv(matrix.mT, top) if wide else torch.mv(matrix, top)
+            other = image / divisor
+            u, v = (top, other) if wide else (other, top)
+            return self._finish_vectors(u, v, sigma, scale)
+
+        return GramProducts(gram, finish, self._scale_options(), self._commit)
+
+    def _scale_options(self) -> tuple[float, bool, float]:
+        return (self.lipschitz, self.mode == "soft", self.eps)
+
+    def _products(self, matrix: Tensor, block: Tensor) -> BlockProducts:
+        """``Y = W B``, ``Z = W^T Y`` and their Grams, for the matrix ``W`` and block ``B``."""
         with autocast_off(matrix.device):
             y = matrix @ block
             y_t = y.mT
@@ -656,41 +683,36 @@ class SpectralNorm(nn.Module):
             z_t = y_t @ matrix
             z = z_t.mT
             grams = (y_t @ y, z_t @ z)
-        options = (self.lipschitz, self.mode == "soft", self.eps)
         return BlockProducts(
             y,
             z,
-            self._finish_exact if exact else self._finish,
-            options,
+            self._finish,
+            self._scale_options(),
             self._commit,
             grams,
             block,
-            explore=None if exact else lambda x: _explore(matrix, x),
-            restep=None if exact else lambda other: self._products(matrix, other),
+            explore=lambda x: _explore(matrix, x),
+            restep=lambda other: self._products(matrix, other),
         )
 
     def _finish(self, y: Tensor, z: Tensor, row: RitzRow) -> list[tuple[Tensor, Tensor]]:
         state = cast(dict[str, Tensor], self._buffers)
         block = state["_block"]
-        return [*self._finish_vectors(y, z, row), (block, next_block(z, block, row))]
+        u, v = torch.mv(y, row.cu), torch.mv(z, row.cv)
+        vectors = self._finish_vectors(u, v, row.sigma, row.scale)
+        return [*vectors, (block, next_block(z, block, row))]
 
-    def _finish_exact(self, y: Tensor, z: Tensor, row: RitzRow) -> list[tuple[Tensor, Tensor]]:
-        # The block is not used (the row space is the basis): it stays as it is, rather
-        # than take an orthonormalization of W^T W W^T that rounding decides.
-        return self._finish_vectors(y, z, row)
-
-    def _finish_vectors(self, y: Tensor, z: Tensor, row: RitzRow) -> list[tuple[Tensor, Tensor]]:
+    def _finish_vectors(
+        self, u: Tensor, v: Tensor, sigma: Tensor, scale: Tensor | None
+    ) -> list[tuple[Tensor, Tensor]]:
         """The step's ``u``, ``v`` and ``sigma`` (to be copied into the buffers), kept fresh."""
         # (The buffers are read from ``_buffers``: nn.Module.__getattr__ costs a small
         # layer's step several microseconds.)
         state = cast(dict[str, Tensor], self._buffers)
-        u = torch.mv(y, row.cu)
-        v = torch.mv(z, row.cv)
-        sigma = row.sigma
-        if row.scale is not None and not torch.compiler.is_compiling():
+        if scale is not None and not torch.compiler.is_compiling():
             # What the training forwards of this value divide by: new tensors, which later
             # steps don't overwrite (the buffers get copies), so no forward clones them.
-            self._fresh = (u, v, sigma, row.scale, (self.lipschitz, self.mode, self.eps))
+            self._fresh = (u, v, sigma, scale, (self.lipschitz, self.mode, self.eps))
         else:
             self._fresh = None
         return [(state["_u"], u), (state["_v"], v), (state["_sigma"], sigma)]

@@ -280,7 +280,12 @@ def test_fsdp_state_is_identical_across_ranks_and_matches_one_process(
     assert plain == sorted(ddp_worker.make_model().state_dict())
     for key, expected in reference.items():
         assert torch.equal(states[0][key], states[1][key]), key
-        torch.testing.assert_close(states[0][key], expected, rtol=1e-5, atol=1e-6, msg=key)
+        # A tracked block's later vectors are its least determined: rounding-level
+        # differences of the weights (3e-8 here) move the conv's last of 8 by 6e-6 and the
+        # others by 3e-7 to 1.3e-6 (its top vector _op_v: 3e-7). The estimates, the vectors
+        # torch saves and the weights are held to 1e-6.
+        atol = 1e-5 if key.endswith("_block") else 1e-6
+        torch.testing.assert_close(states[0][key], expected, rtol=1e-5, atol=atol, msg=key)
     torch.manual_seed(ddp_worker.MODEL_SEED)
     initial = ddp_worker.make_model().state_dict()
     for name in ("0", "3", "5"):

@@ -5,6 +5,8 @@ matrix, a rank-one spike such as a small-initialized head grows under Adam), one
 step from the old block underestimates sigma by up to tens of percent. The step's own
 residual says so, and the engine redoes it on a Krylov space before the forward divides.
 On the CPU only: there the decision is free, on an accelerator it would be a host sync.
+Matrices up to ``GRAM_LIMIT_CPU`` on their smaller side are solved from their Gram instead
+(``tests/test_gram.py``): the layers here are larger.
 """
 
 from __future__ import annotations
@@ -47,15 +49,22 @@ def _jump(weight: torch.Tensor, kind: str, size: float, generator: torch.Generat
             weight.add_(spike.reshape(weight.shape))
 
 
+#: The smallest side of a matrix that the CPU steps with the block (and refreshes).
+BLOCK_SIDE = snpatch.engine.GRAM_LIMIT_CPU + 1
+
+
 @st.composite
 def matrix_layers(draw: st.DrawFn) -> nn.Module:
     torch.manual_seed(draw(st.integers(0, 2**31 - 1)))  # the layer's initial weight
     if draw(st.booleans()):
-        return nn.Linear(draw(st.integers(16, 96)), draw(st.integers(16, 96)))
+        sides = st.integers(BLOCK_SIDE, BLOCK_SIDE + 64)
+        return nn.Linear(draw(sides), draw(sides))
+    kernel = draw(st.integers(2, 3))
+    fewest = -(-BLOCK_SIDE // kernel**2)  # inputs: in_channels x kernel area >= BLOCK_SIDE
     return nn.Conv2d(
-        draw(st.integers(1, 12)),
-        draw(st.integers(8, 48)),
-        draw(st.integers(1, 3)),
+        draw(st.integers(fewest, fewest + 8)),
+        draw(st.integers(BLOCK_SIDE, BLOCK_SIDE + 32)),
+        kernel,
         stride=draw(st.integers(1, 2)),
         dilation=draw(st.integers(1, 2)),
     )
@@ -129,12 +138,13 @@ class _Refreshes:
 
 def test_only_the_weight_that_jumped_is_refreshed(monkeypatch: pytest.MonkeyPatch) -> None:
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU())
-    model.append(nn.Linear(64, 64))
+    side = BLOCK_SIDE + 16
+    model = nn.Sequential(nn.Linear(side, side), nn.ReLU(), nn.Linear(side, side), nn.ReLU())
+    model.append(nn.Linear(side, side))
     snpatch.apply_spectral_norm(model)
     refreshes = _Refreshes(monkeypatch)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
-    x = torch.randn(16, 32)
+    x = torch.randn(16, side)
     for _ in range(5):  # slow training: one block step each is enough
         loss = model(x).square().mean()
         optimizer.zero_grad()
