@@ -53,10 +53,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import engine
 from ._compat import ConvNd, conv_pad, version_counter
 from .distributed import gathered, sharded_like
 from .engine import (
     EXACT_SQUARINGS,
+    GRAM_LIMIT_ACCELERATOR,
     BlockProducts,
     GramProducts,
     RitzRow,
@@ -1018,9 +1020,18 @@ OPERATOR_BLOCK_SIZE = 8
 #: digits CNN of ``benchmarks/tracking.py`` 2% left a Conv2d(32, 32, 3) 0.53% off, 1% 0.15%.
 OPERATOR_REFRESH_RESIDUAL = 0.01
 #: An operator with at most this many inputs or outputs is solved exactly at every step
-#: (on a basis of its whole input space, or of its row space): a block of that size costs
-#: little, and a smaller one would miss crossings within it.
+#: (from its Gram on its whole input space, or on its row space): a block of that size costs
+#: little, and a smaller one would miss crossings within it. On an accelerator, where no
+#: refresh runs, up to ``GRAM_LIMIT_ACCELERATOR`` (:func:`exact_operator_size`).
 EXACT_OPERATOR_SIZE = 64
+
+
+def exact_operator_size(device: torch.device) -> int:
+    """The most inputs or outputs of an operator solved exactly on ``device``."""
+    # (engine.on_accelerator looked up when called: benchmarks/tracking.py switches it)
+    return GRAM_LIMIT_ACCELERATOR if engine.on_accelerator(device) else EXACT_OPERATOR_SIZE
+
+
 #: A circulant whose frequency blocks have at most this many inputs or outputs is solved
 #: exactly at every step, from that many unit impulses through the layer (or its adjoint).
 #: Wider blocks are tracked by the block's vectors (exact too up to OPERATOR_BLOCK_SIZE):
@@ -1304,7 +1315,7 @@ class OperatorNorm(SpectralNorm):
             return []
         return self._operator_products(weight)
 
-    def _operator_products(self, weight: Tensor) -> list[BlockProducts]:
+    def _operator_products(self, weight: Tensor) -> list[BlockProducts | GramProducts]:
         """``Y = A X`` and ``Z = A^T Y`` for the block ``X`` of input-shaped vectors.
 
         A :class:`Circulant` is stepped per frequency block, an operator with at most
@@ -1324,7 +1335,7 @@ class OperatorNorm(SpectralNorm):
             size = self.input_size
             n_in = conv.in_channels * math.prod(size)
             n_out = conv.out_channels(w) * math.prod(conv.output_size(size, w))
-            if min(n_in, n_out) <= EXACT_OPERATOR_SIZE:
+            if min(n_in, n_out) <= exact_operator_size(w.device):
                 return [self._exact_products(w, n_in, n_out)]
             return [self._block_products(w, block.flatten(1).mT)]
 
@@ -1353,40 +1364,35 @@ class OperatorNorm(SpectralNorm):
             refresh_residual=OPERATOR_REFRESH_RESIDUAL,
         )
 
-    def _exact_products(self, w: Tensor, n_in: int, n_out: int) -> BlockProducts:
+    def _exact_products(self, w: Tensor, n_in: int, n_out: int) -> GramProducts:
         """The step on the whole of the smaller side: exact, from one product.
 
-        The engine's ``Y`` is the identity of the smaller side and ``Z`` the operator (or
-        its adjoint) applied to it, so the step is the eigenproblem of ``A^T A`` (or
-        ``A A^T``) itself, well conditioned: ``v = Y cu`` (or ``Z cv``). The tracked block
-        is not used.
+        The operator (or its adjoint) applied to the unit impulses of the smaller side,
+        ``Z``, gives its Gram ``Z^T Z``: ``A^T A`` (or ``A A^T``) itself, whose top
+        eigenvector is ``v`` (or ``u``, and then ``v = Z u / sigma``). The tracked block is
+        not used.
         """
         assert self.conv is not None
         assert self.input_size is not None
         conv, size = self.conv, self.input_size
         n = min(n_in, n_out)
         units = torch.eye(n, dtype=w.dtype, device=w.device)
-        if n_in <= n_out:
+        inputs = n_in <= n_out
+        if inputs:
             image = conv.apply(units.reshape(n, -1, *size), w)
-            finish = self._finish_exact_inputs
         else:
             out_size = conv.output_size(size, w)
             image = conv.adjoint(units.reshape(n, -1, *out_size), w, size)
-            finish = self._finish_exact_outputs
         z = image.flatten(1).mT
-        return BlockProducts(units, z, finish, grams=(units, z.mT @ z), squarings=EXACT_SQUARINGS)
+        shape = self._op_v.shape
 
-    def _finish_exact_inputs(
-        self, y: Tensor, z: Tensor, row: RitzRow
-    ) -> list[tuple[Tensor, Tensor]]:
-        v = row.cu.reshape(self._op_v.shape)
-        return [(self._op_v, v), (self._op_sigma, row.sigma)]
+        def finish(
+            top: Tensor, sigma: Tensor, divisor: Tensor, scale: Tensor | None
+        ) -> list[tuple[Tensor, Tensor]]:
+            v = top if inputs else torch.mv(z, top) / divisor
+            return [(self._op_v, v.reshape(shape)), (self._op_sigma, sigma)]
 
-    def _finish_exact_outputs(
-        self, y: Tensor, z: Tensor, row: RitzRow
-    ) -> list[tuple[Tensor, Tensor]]:
-        v = torch.mv(z, row.cv).reshape(self._op_v.shape)
-        return [(self._op_v, v), (self._op_sigma, row.sigma)]
+        return GramProducts(z.mT @ z, finish, squarings=EXACT_SQUARINGS)
 
     def _circulant_products(self, w: Tensor, circulant: Circulant) -> BlockProducts:
         """The products of every frequency block at once (see :class:`Circulant`).

@@ -1,23 +1,28 @@
-"""Matrices solved exactly from their Gram at every step (issue 14, items 1 and 3).
+"""Weights solved exactly from their Gram at every step (issue 14, items 1 and 3).
 
 On an accelerator (``snpatch.engine.on_accelerator``), where no decision may be read on the
 host, a matrix whose smaller side is at most ``GRAM_LIMIT_ACCELERATOR`` is stepped from its
 Gram ``W W^T`` or ``W^T W`` by repeated squaring: nothing depends on the last step, so a
 weight that jumped is held at the same step. The CPU does the same up to
-``GRAM_LIMIT_CPU``. The accelerator's path runs here with the switch turned on.
+``GRAM_LIMIT_CPU``, and operator mode the operators with at most ``EXACT_OPERATOR_SIZE``
+inputs or outputs (on an accelerator: ``GRAM_LIMIT_ACCELERATOR``). The accelerator's path runs
+here with the switch turned on.
 """
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 import snpatch
 import snpatch.engine
 from tests.conftest import exact_sigma
+from tests.test_operator import FEWER, dense_norm
 from tests.test_refresh import _jump, jumps, targets
 
 
@@ -158,3 +163,29 @@ def test_the_cpu_steps_a_matrix_over_its_limit_with_the_block(
         layer.train()
         _ = layer.weight
         assert calls == [expected]
+
+
+@settings(FEWER, phases=(Phase.explicit, Phase.reuse, Phase.generate))  # (no shrinking)
+@given(
+    st.sampled_from(["zeros", "reflect", "replicate"]),
+    st.integers(1, 2),
+    st.integers(4, 8),
+    jumps,
+    targets,
+    st.integers(0, 2**31 - 1),
+)
+def test_on_an_accelerator_an_operator_that_jumps_is_held_at_the_same_step(
+    padding_mode: str, stride: int, side: int, jump: tuple[str, float], target: float, seed: int
+) -> None:
+    """Operator mode: up to ``GRAM_LIMIT_ACCELERATOR`` inputs or outputs solved exactly."""
+    torch.manual_seed(seed)
+    layer = nn.Conv2d(8, 10, 3, stride=stride, padding=1, padding_mode=padding_mode)
+    x = torch.randn(2, 8, side, side)  # 128 to 512 inputs
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(snpatch.engine, "on_accelerator", lambda device: True)
+        snpatch.apply_spectral_norm(layer, lipschitz=target, method="operator")
+        layer(x)
+        original = layer.parametrizations.weight.original
+        _jump(original, *jump, torch.Generator().manual_seed(seed))
+        layer(x)
+    assert math.isclose(dense_norm(layer, (side, side)), target, rel_tol=1e-3)
