@@ -23,7 +23,7 @@ import snpatch
 import snpatch.engine
 from tests.conftest import exact_sigma
 from tests.test_operator import FEWER, dense_norm
-from tests.test_refresh import _jump, jumps, targets
+from tests.test_refresh import HELD, _jump, jumps, targets
 
 
 @pytest.fixture
@@ -189,3 +189,21 @@ def test_on_an_accelerator_an_operator_that_jumps_is_held_at_the_same_step(
         _jump(original, *jump, torch.Generator().manual_seed(seed))
         layer(x)
     assert math.isclose(dense_norm(layer, (side, side)), target, rel_tol=1e-3)
+
+
+def test_a_model_trained_on_an_accelerator_is_held_on_the_cpu() -> None:
+    """Over the CPU's limit the block is not used on an accelerator: it is stale on return."""
+    torch.manual_seed(0)
+    layer = snpatch.apply_spectral_norm(nn.Linear(120, 100))
+    original = layer.parametrizations.weight.original
+    generator = torch.Generator().manual_seed(1)
+    layer.train()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(snpatch.engine, "on_accelerator", lambda device: True)
+        for _ in range(3):  # moves that leave the block fitted at patch time behind
+            _jump(original, "new", 1.0, generator)
+            _ = layer.weight
+            assert exact_sigma(layer)["weight"] == pytest.approx(1.0, rel=1e-3)
+    _jump(original, "new", 1.0, generator)  # back on the CPU (model.cpu()): the block step
+    _ = layer.weight
+    assert exact_sigma(layer)["weight"] == pytest.approx(1.0, rel=HELD)
