@@ -346,7 +346,7 @@ def gram_step(products: Sequence[GramProducts]) -> None:
             size = _rounded(max(item.gram.shape[-1] for item in items))
         tiny = torch.finfo(dtype).tiny
         with autocast_off(device):
-            grams = torch.stack([_padded_zeros(item.gram, size) for item in items])
+            grams = torch.stack([_padded(item.gram, size, fill=False) for item in items])
             tops = _top_eigenvector(grams, squarings)
             tops = tops / torch.linalg.vector_norm(tops, dim=-2, keepdim=True).clamp_min(tiny)
             quotients = torch.bmm(tops.mT, torch.bmm(grams, tops)).flatten()
@@ -368,12 +368,6 @@ def gram_step(products: Sequence[GramProducts]) -> None:
         for item in items:
             if item.commit is not None:
                 item.commit()
-
-
-def _padded_zeros(gram: Tensor, size: int) -> Tensor:
-    """``gram`` as the leading block of a ``size x size`` matrix of zeros."""
-    pad = size - gram.shape[-1]
-    return gram if pad == 0 else torch.nn.functional.pad(gram, (0, pad, 0, pad))
 
 
 def _copy(copies: Sequence[tuple[Tensor, Tensor]]) -> None:
@@ -563,8 +557,7 @@ def _padded(gram: Tensor, width: int, *, fill: bool) -> Tensor:
     k = gram.shape[-1]
     if k == width:
         return gram
-    out = gram.new_zeros(*gram.shape[:-2], width, width)
-    out[..., :k, :k] = gram
+    out = torch.nn.functional.pad(gram, (0, width - k, 0, width - k))
     if fill:
         diagonal = gram.diagonal(dim1=-2, dim2=-1)
         out.diagonal(dim1=-2, dim2=-1)[..., k:] = diagonal.mean(-1, keepdim=True)

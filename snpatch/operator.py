@@ -53,16 +53,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import engine
 from ._compat import ConvNd, conv_pad, version_counter
 from .distributed import gathered, sharded_like
 from .engine import (
     EXACT_SQUARINGS,
-    GRAM_LIMIT_ACCELERATOR,
+    GRAM_LIMIT_CPU,
     BlockProducts,
     GramProducts,
     RitzRow,
     block_step,
+    gram_limit,
     next_block,
     scale_of,
 )
@@ -1019,17 +1019,12 @@ OPERATOR_BLOCK_SIZE = 8
 #: An operator step whose top residual exceeds this is refreshed (matrix mode: 2%): on the
 #: digits CNN of ``benchmarks/tracking.py`` 2% left a Conv2d(32, 32, 3) 0.53% off, 1% 0.15%.
 OPERATOR_REFRESH_RESIDUAL = 0.01
-#: An operator with at most this many inputs or outputs is solved exactly at every step
-#: (from its Gram on its whole input space, or on its row space): a block of that size costs
-#: little, and a smaller one would miss crossings within it. On an accelerator, where no
-#: refresh runs, up to ``GRAM_LIMIT_ACCELERATOR`` (:func:`exact_operator_size`).
-EXACT_OPERATOR_SIZE = 64
-
-
-def exact_operator_size(device: torch.device) -> int:
-    """The most inputs or outputs of an operator solved exactly on ``device``."""
-    # (engine.on_accelerator looked up when called: benchmarks/tracking.py switches it)
-    return GRAM_LIMIT_ACCELERATOR if engine.on_accelerator(device) else EXACT_OPERATOR_SIZE
+#: An operator with at most this many inputs or outputs is solved exactly at every step on
+#: the CPU (from its Gram on its whole input space, or on its row space): a block of that
+#: size costs little, and a smaller one would miss crossings within it. It is the engine's
+#: limit for matrices (:func:`snpatch.engine.gram_limit`, which the operator asks): on an
+#: accelerator, where no refresh runs, ``GRAM_LIMIT_ACCELERATOR``.
+EXACT_OPERATOR_SIZE = GRAM_LIMIT_CPU
 
 
 #: A circulant whose frequency blocks have at most this many inputs or outputs is solved
@@ -1335,7 +1330,7 @@ class OperatorNorm(SpectralNorm):
             size = self.input_size
             n_in = conv.in_channels * math.prod(size)
             n_out = conv.out_channels(w) * math.prod(conv.output_size(size, w))
-            if min(n_in, n_out) <= exact_operator_size(w.device):
+            if min(n_in, n_out) <= gram_limit(w.device):
                 return [self._exact_products(w, n_in, n_out)]
             return [self._block_products(w, block.flatten(1).mT)]
 

@@ -642,7 +642,7 @@ class SpectralNorm(nn.Module):
 
     def _solved_exactly(self, weight: Tensor) -> bool:
         """Whether each step solves ``weight`` exactly, from its Gram (:func:`gram_limit`)."""
-        rows = weight.shape[self.dim] if weight.dim() else 1  # (shapes only: no op dispatched)
+        rows = weight.shape[self.dim]  # (weight_to_matrix's shape, without dispatching a view)
         return min(rows, weight.numel() // max(rows, 1)) <= gram_limit(weight.device)
 
     def _matrix_products(self, weight: Tensor) -> list[BlockProducts | GramProducts]:

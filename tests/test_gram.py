@@ -52,7 +52,7 @@ def gram_layers(draw: st.DrawFn) -> nn.Module:
 def test_on_an_accelerator_a_weight_that_jumps_is_held_at_the_same_step(
     layer: nn.Module, jump: tuple[str, float], target: float, seed: int
 ) -> None:
-    # (hypothesis reuses the function-scoped fixture's patch: it is set for every example)
+    # (a context, not the fixture: hypothesis runs all examples within one function scope)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(snpatch.engine, "on_accelerator", lambda device: True)
         snpatch.apply_spectral_norm(layer, lipschitz=target)
